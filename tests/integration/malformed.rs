@@ -1,0 +1,119 @@
+//! Malformed frames from the broker side: a raw socket server on loopback accepts the
+//! client's connections and, on each, answers the handshake and then writes one kind
+//! of broken bytes. The client must log an error, drop that connection, reconnect,
+//! re-subscribe, and deliver the valid message that finally comes, without a panic.
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::FramedRead;
+use vmc_protocol::stomp::{
+    BrokerAddress, Command, SessionConfig, SessionEvent, StompClient, StompCodec, StompItem,
+    Subscription,
+};
+use vmc_tests::{init_logging, within};
+
+/// Broken things a broker could send after a good handshake and subscription receipt.
+const GARBAGE: &[&[u8]] = &[
+    b"NOT-A-COMMAND\n\n\0",
+    b"MESSAGE\nheader-without-colon\n\n\0",
+    b"MESSAGE\nbad:\\escape\n\n\0",
+    b"MESSAGE\ncontent-length:3\n\nabcdef\0",
+    b"MESSAGE\ncontent-length:nope\n\n\0",
+    b"MESSAGE\ncontent-length:999999999\n\n",
+    b"MESSAGE\ndestination:/queue/x\n\n\xff\xfe",
+    b"\xff\xfe\xfd\n\n\0",
+    b"MESSAGE\n\xc3\x28:x\n\n\0",
+];
+
+/// Reads client frames until one with this command arrives.
+async fn expect(reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, StompCodec>, command: Command) -> vmc_protocol::stomp::Frame {
+    loop {
+        match reader.next().await {
+            Some(Ok(StompItem::Frame(frame))) if frame.command == command => return frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected {command} from the client, got {other:?}"),
+        }
+    }
+}
+
+/// Serves one connection: handshake, subscription receipt, then `payload`.
+async fn serve(stream: TcpStream, payload: Vec<u8>) -> String {
+    let (read, mut write) = stream.into_split();
+    let mut reader = FramedRead::new(read, StompCodec::default());
+    let connect = expect(&mut reader, Command::Connect).await;
+    assert_eq!(connect.header("accept-version"), Some("1.2"));
+    write.write_all(b"CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\0").await.unwrap();
+    let subscribe = expect(&mut reader, Command::Subscribe).await;
+    let receipt = subscribe.header("receipt").unwrap().to_owned();
+    let id = subscribe.header("id").unwrap().to_owned();
+    let mut reply = BytesMut::new();
+    reply.extend_from_slice(format!("RECEIPT\nreceipt-id:{receipt}\n\n\0").as_bytes());
+    reply.extend_from_slice(&with_subscription_id(payload, &id));
+    write.write_all(&reply).await.unwrap();
+    // Keep the socket open a little: the client, not the server, must end the link.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    subscribe.header("destination").unwrap().to_owned()
+}
+
+/// Puts the client's subscription id where a payload says `{sub}`; binary garbage
+/// (not UTF-8) is left byte for byte as it is.
+fn with_subscription_id(payload: Vec<u8>, id: &str) -> Vec<u8> {
+    match String::from_utf8(payload) {
+        Ok(text) => text.replace("{sub}", id).into_bytes(),
+        Err(e) => e.into_bytes(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_from_the_broker_are_survived() {
+    init_logging();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let mut destinations = Vec::new();
+        for garbage in GARBAGE {
+            let (stream, _) = listener.accept().await.unwrap();
+            destinations.push(serve(stream, garbage.to_vec()).await);
+        }
+        // Finally a well-formed message on the re-established subscription.
+        let (stream, _) = listener.accept().await.unwrap();
+        let good = b"MESSAGE\nsubscription:{sub}\nmessage-id:m1\ndestination:/queue/q\nack:a1\n\nfine\0";
+        destinations.push(serve(stream, good.to_vec()).await);
+        destinations
+    });
+
+    let mut config = SessionConfig::new(BrokerAddress::tcp("127.0.0.1", port));
+    config.reconnect_initial = Duration::from_millis(10);
+    config.reconnect_max = Duration::from_millis(50);
+    config.max_frame_size = 1024 * 1024;
+    let (client, mut events) = StompClient::start(config);
+    within(Duration::from_secs(10), "the subscription", client.subscribe(Subscription::new("/queue/q")))
+        .await
+        .unwrap();
+    let mut disconnects = Vec::new();
+    let message = within(Duration::from_secs(30), "the good message", async {
+        loop {
+            match events.recv().await {
+                Some(SessionEvent::Message(m)) => return m,
+                Some(SessionEvent::Disconnected { reason, .. }) => disconnects.push(reason),
+                Some(_) => {}
+                None => panic!("the session ended"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(&message.frame.body[..], b"fine");
+    assert_eq!(disconnects.len(), GARBAGE.len(), "one dropped link per broken frame: {disconnects:#?}");
+    for reason in &disconnects {
+        assert!(
+            reason.contains("malformed") || reason.contains("closed"),
+            "unexpected reason {reason}"
+        );
+    }
+    let destinations = server.await.unwrap();
+    assert!(destinations.iter().all(|d| d == "/queue/q"), "re-subscribed each time: {destinations:?}");
+    client.shutdown().await.unwrap();
+}
