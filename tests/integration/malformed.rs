@@ -29,7 +29,10 @@ const GARBAGE: &[&[u8]] = &[
 ];
 
 /// Reads client frames until one with this command arrives.
-async fn expect(reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, StompCodec>, command: Command) -> vmc_protocol::stomp::Frame {
+async fn expect(
+    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, StompCodec>,
+    command: Command,
+) -> vmc_protocol::stomp::Frame {
     loop {
         match reader.next().await {
             Some(Ok(StompItem::Frame(frame))) if frame.command == command => return frame,
@@ -45,7 +48,10 @@ async fn serve(stream: TcpStream, payload: Vec<u8>) -> String {
     let mut reader = FramedRead::new(read, StompCodec::default());
     let connect = expect(&mut reader, Command::Connect).await;
     assert_eq!(connect.header("accept-version"), Some("1.2"));
-    write.write_all(b"CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\0").await.unwrap();
+    write
+        .write_all(b"CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\0")
+        .await
+        .unwrap();
     let subscribe = expect(&mut reader, Command::Subscribe).await;
     let receipt = subscribe.header("receipt").unwrap().to_owned();
     let id = subscribe.header("id").unwrap().to_owned();
@@ -80,7 +86,8 @@ async fn malformed_frames_from_the_broker_are_survived() {
         }
         // Finally a well-formed message on the re-established subscription.
         let (stream, _) = listener.accept().await.unwrap();
-        let good = b"MESSAGE\nsubscription:{sub}\nmessage-id:m1\ndestination:/queue/q\nack:a1\n\nfine\0";
+        let good =
+            b"MESSAGE\nsubscription:{sub}\nmessage-id:m1\ndestination:/queue/q\nack:a1\n\nfine\0";
         destinations.push(serve(stream, good.to_vec()).await);
         destinations
     });
@@ -90,9 +97,13 @@ async fn malformed_frames_from_the_broker_are_survived() {
     config.reconnect_max = Duration::from_millis(50);
     config.max_frame_size = 1024 * 1024;
     let (client, mut events) = StompClient::start(config);
-    within(Duration::from_secs(10), "the subscription", client.subscribe(Subscription::new("/queue/q")))
-        .await
-        .unwrap();
+    within(
+        Duration::from_secs(10),
+        "the subscription",
+        client.subscribe(Subscription::new("/queue/q")),
+    )
+    .await
+    .unwrap();
     let mut disconnects = Vec::new();
     let message = within(Duration::from_secs(30), "the good message", async {
         loop {
@@ -106,7 +117,11 @@ async fn malformed_frames_from_the_broker_are_survived() {
     })
     .await;
     assert_eq!(&message.frame.body[..], b"fine");
-    assert_eq!(disconnects.len(), GARBAGE.len(), "one dropped link per broken frame: {disconnects:#?}");
+    assert_eq!(
+        disconnects.len(),
+        GARBAGE.len(),
+        "one dropped link per broken frame: {disconnects:#?}"
+    );
     for reason in &disconnects {
         assert!(
             reason.contains("malformed") || reason.contains("closed"),
@@ -114,6 +129,9 @@ async fn malformed_frames_from_the_broker_are_survived() {
         );
     }
     let destinations = server.await.unwrap();
-    assert!(destinations.iter().all(|d| d == "/queue/q"), "re-subscribed each time: {destinations:?}");
+    assert!(
+        destinations.iter().all(|d| d == "/queue/q"),
+        "re-subscribed each time: {destinations:?}"
+    );
     client.shutdown().await.unwrap();
 }

@@ -9,8 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
 use vmc_protocol::stomp::{
-    Command, Frame, Message, SessionConfig, SessionEvent, StompClient, StompError,
-    Subscription,
+    Command, Frame, Message, SessionConfig, SessionEvent, StompClient, StompError, Subscription,
 };
 use vmc_tests::{
     init_logging, shared_broker, unique_name, within, BrokerKind, PrivateBroker, TcpProxy,
@@ -71,17 +70,26 @@ async fn assert_no_message(events: &mut Events, quiet: Duration) {
 async fn ten_thousand_messages_arrive_in_order(kind: BrokerKind) {
     let queue = format!("/queue/{}", unique_name("vmc-test.order"));
     let (consumer, mut inbox) = shared_session(kind).await;
-    consumer.subscribe(Subscription::new(&queue).with_prefetch(Some(1000))).await.unwrap();
+    consumer
+        .subscribe(Subscription::new(&queue).with_prefetch(Some(1000)))
+        .await
+        .unwrap();
     let (producer, _producer_events) = shared_session(kind).await;
     let sender = tokio::spawn(async move {
         for i in 0..10_000u32 {
-            producer.send(send_frame(&queue, i.to_string())).await.unwrap();
+            producer
+                .send(send_frame(&queue, i.to_string()))
+                .await
+                .unwrap();
         }
         producer
     });
     for expected in 0..10_000u32 {
         let message = next_message(&mut inbox).await;
-        assert_eq!(std::str::from_utf8(&message.frame.body).unwrap(), expected.to_string());
+        assert_eq!(
+            std::str::from_utf8(&message.frame.body).unwrap(),
+            expected.to_string()
+        );
         consumer.ack(&message).await.unwrap();
     }
     let producer = sender.await.unwrap();
@@ -95,11 +103,19 @@ async fn binary_body_of_4_mib_arrives_intact(kind: BrokerKind) {
     client.subscribe(Subscription::new(&queue)).await.unwrap();
     // Every byte value, NULs and newlines included, in a pattern that is not periodic
     // in any small power of two.
-    let body: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    client.send_with_receipt(send_frame(&queue, body.clone())).await.unwrap();
+    let body: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    client
+        .send_with_receipt(send_frame(&queue, body.clone()))
+        .await
+        .unwrap();
     let message = next_message(&mut events).await;
     assert_eq!(message.frame.body.len(), body.len());
-    assert!(message.frame.body[..] == body[..], "the 4 MiB body changed in transit");
+    assert!(
+        message.frame.body[..] == body[..],
+        "the 4 MiB body changed in transit"
+    );
     client.ack(&message).await.unwrap();
     client.shutdown().await.unwrap();
 }
@@ -107,9 +123,13 @@ async fn binary_body_of_4_mib_arrives_intact(kind: BrokerKind) {
 async fn receipted_send_is_stored_before_any_subscriber(kind: BrokerKind) {
     let queue = format!("/queue/{}", unique_name("vmc-test.receipt"));
     let (producer, _p) = shared_session(kind).await;
-    within(PATIENCE, "the receipt", producer.send_with_receipt(send_frame(&queue, "kept")))
-        .await
-        .unwrap();
+    within(
+        PATIENCE,
+        "the receipt",
+        producer.send_with_receipt(send_frame(&queue, "kept")),
+    )
+    .await
+    .unwrap();
     producer.shutdown().await.unwrap();
     let (consumer, mut events) = shared_session(kind).await;
     consumer.subscribe(Subscription::new(&queue)).await.unwrap();
@@ -122,8 +142,14 @@ async fn receipted_send_is_stored_before_any_subscriber(kind: BrokerKind) {
 async fn unacked_message_is_redelivered_and_acked_one_is_not(kind: BrokerKind) {
     let queue = format!("/queue/{}", unique_name("vmc-test.ack"));
     let (producer, _p) = shared_session(kind).await;
-    producer.send_with_receipt(send_frame(&queue, "first")).await.unwrap();
-    producer.send_with_receipt(send_frame(&queue, "second")).await.unwrap();
+    producer
+        .send_with_receipt(send_frame(&queue, "first"))
+        .await
+        .unwrap();
+    producer
+        .send_with_receipt(send_frame(&queue, "second"))
+        .await
+        .unwrap();
 
     // A consumer that acknowledges the first message and dies holding the second.
     let (consumer, mut events) = shared_session(kind).await;
@@ -138,7 +164,11 @@ async fn unacked_message_is_redelivered_and_acked_one_is_not(kind: BrokerKind) {
     let (again, mut events) = shared_session(kind).await;
     again.subscribe(Subscription::new(&queue)).await.unwrap();
     let redelivered = next_message(&mut events).await;
-    assert_eq!(&redelivered.frame.body[..], b"second", "only the unacknowledged one comes back");
+    assert_eq!(
+        &redelivered.frame.body[..],
+        b"second",
+        "only the unacknowledged one comes back"
+    );
     again.ack(&redelivered).await.unwrap();
     assert_no_message(&mut events, Duration::from_millis(500)).await;
     again.shutdown().await.unwrap();
@@ -149,7 +179,10 @@ async fn nacked_message_is_not_lost(kind: BrokerKind) {
     let queue = format!("/queue/{}", unique_name("vmc-test.nack"));
     let (client, mut events) = shared_session(kind).await;
     client.subscribe(Subscription::new(&queue)).await.unwrap();
-    client.send_with_receipt(send_frame(&queue, "refused")).await.unwrap();
+    client
+        .send_with_receipt(send_frame(&queue, "refused"))
+        .await
+        .unwrap();
     let message = next_message(&mut events).await;
     client.nack(&message).await.unwrap();
     match kind {
@@ -164,10 +197,10 @@ async fn nacked_message_is_not_lost(kind: BrokerKind) {
         // queue, where an operator can still find it.
         BrokerKind::ActiveMq => {
             let (dlq, mut dlq_events) = shared_session(kind).await;
-            dlq.subscribe(
-                Subscription::new("/queue/ActiveMQ.DLQ")
-                    .with_header("selector", format!("JMSMessageID = '{}'", message.message_id().unwrap())),
-            )
+            dlq.subscribe(Subscription::new("/queue/ActiveMQ.DLQ").with_header(
+                "selector",
+                format!("JMSMessageID = '{}'", message.message_id().unwrap()),
+            ))
             .await
             .unwrap();
             let dead = next_message(&mut dlq_events).await;
@@ -187,9 +220,18 @@ async fn oversized_frame_is_refused_and_session_goes_on(kind: BrokerKind) {
     config.max_frame_size = 64 * 1024;
     let (client, mut events) = connect(config).await;
     client.subscribe(Subscription::new(&queue)).await.unwrap();
-    let err = client.send(send_frame(&queue, vec![1u8; 65 * 1024])).await.unwrap_err();
-    assert!(matches!(err, StompError::TooLarge { limit: 65536, .. }), "{err:?}");
-    client.send_with_receipt(send_frame(&queue, "small")).await.unwrap();
+    let err = client
+        .send(send_frame(&queue, vec![1u8; 65 * 1024]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StompError::TooLarge { limit: 65536, .. }),
+        "{err:?}"
+    );
+    client
+        .send_with_receipt(send_frame(&queue, "small"))
+        .await
+        .unwrap();
     let message = next_message(&mut events).await;
     assert_eq!(&message.frame.body[..], b"small");
     client.ack(&message).await.unwrap();
@@ -218,7 +260,11 @@ async fn silent_broker_is_detected_by_heart_beats(kind: BrokerKind) {
     })
     .await;
     assert!(reason.contains("heart-beat"), "{reason}");
-    assert!(started.elapsed() < Duration::from_secs(10), "detected after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "detected after {:?}",
+        started.elapsed()
+    );
 
     // The session reconnects on a fresh link, re-subscribes and carries messages again.
     within(PATIENCE, "the reconnection", async {
@@ -229,7 +275,10 @@ async fn silent_broker_is_detected_by_heart_beats(kind: BrokerKind) {
         }
     })
     .await;
-    client.send_with_receipt(send_frame(&queue, "after")).await.unwrap();
+    client
+        .send_with_receipt(send_frame(&queue, "after"))
+        .await
+        .unwrap();
     let message = next_message(&mut events).await;
     assert_eq!(&message.frame.body[..], b"after");
     client.ack(&message).await.unwrap();
@@ -246,7 +295,10 @@ async fn nothing_is_lost_across(broker: PrivateBroker, crash: bool) {
     let mut config = broker.session_config();
     config.reconnect_max = Duration::from_millis(500);
     let (consumer, mut inbox) = connect(config.clone()).await;
-    consumer.subscribe(Subscription::new(&queue).with_prefetch(Some(100))).await.unwrap();
+    consumer
+        .subscribe(Subscription::new(&queue).with_prefetch(Some(100)))
+        .await
+        .unwrap();
     let (producer, mut producer_events) = connect(config).await;
     let (halfway_tx, halfway_rx) = tokio::sync::oneshot::channel();
     let sender = tokio::spawn({
@@ -254,7 +306,10 @@ async fn nothing_is_lost_across(broker: PrivateBroker, crash: bool) {
         async move {
             let mut halfway = Some(halfway_tx);
             for i in 0..count {
-                producer.send_with_receipt(send_frame(&queue, i.to_string())).await.unwrap();
+                producer
+                    .send_with_receipt(send_frame(&queue, i.to_string()))
+                    .await
+                    .unwrap();
                 if i == count / 2 {
                     if let Some(tx) = halfway.take() {
                         let _ = tx.send(());
@@ -268,13 +323,18 @@ async fn nothing_is_lost_across(broker: PrivateBroker, crash: bool) {
         let mut seen = BTreeSet::new();
         while seen.len() < count as usize {
             let message = next_message(&mut inbox).await;
-            let n: u32 = std::str::from_utf8(&message.frame.body).unwrap().parse().unwrap();
+            let n: u32 = std::str::from_utf8(&message.frame.body)
+                .unwrap()
+                .parse()
+                .unwrap();
             seen.insert(n);
             consumer.ack(&message).await.unwrap();
         }
         (consumer, seen)
     });
-    within(PATIENCE, "half of the receipts", halfway_rx).await.unwrap();
+    within(PATIENCE, "half of the receipts", halfway_rx)
+        .await
+        .unwrap();
     let broker = tokio::task::spawn_blocking(move || {
         if crash {
             broker.kill();
@@ -286,12 +346,17 @@ async fn nothing_is_lost_across(broker: PrivateBroker, crash: bool) {
     })
     .await
     .unwrap();
-    let producer = within(Duration::from_secs(120), "every receipt", sender).await.unwrap();
-    let (consumer, seen) = within(Duration::from_secs(120), "every message", receiver).await.unwrap();
+    let producer = within(Duration::from_secs(120), "every receipt", sender)
+        .await
+        .unwrap();
+    let (consumer, seen) = within(Duration::from_secs(120), "every message", receiver)
+        .await
+        .unwrap();
     assert_eq!(seen, (0..count).collect::<BTreeSet<_>>());
     let mut reconnected = false;
     while let Ok(event) = producer_events.try_recv() {
-        reconnected |= matches!(event, SessionEvent::Connected { generation, .. } if generation > 1);
+        reconnected |=
+            matches!(event, SessionEvent::Connected { generation, .. } if generation > 1);
     }
     assert!(reconnected, "the producer went through a reconnection");
     producer.shutdown().await.unwrap();
@@ -321,7 +386,10 @@ async fn subscription_waits_for_a_broker_that_is_down(kind: BrokerKind, port: u1
         let (client, queue) = (client.clone(), queue.clone());
         async move {
             client.subscribe(Subscription::new(&queue)).await.unwrap();
-            client.send_with_receipt(send_frame(&queue, "waited")).await.unwrap();
+            client
+                .send_with_receipt(send_frame(&queue, "waited"))
+                .await
+                .unwrap();
         }
     });
     // The dead broker is reported, with a bounded retry delay, while requests wait.

@@ -21,7 +21,10 @@ use vmc_protocol::stomp::{BrokerAddress, SessionConfig};
 
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Starts env_logger once, honouring `RUST_LOG` (default: warnings).
@@ -57,8 +60,7 @@ impl BrokerKind {
 
     /// A session configuration for this broker at `port`, with the test credentials.
     pub fn session_config(self, port: u16) -> SessionConfig {
-        SessionConfig::new(BrokerAddress::tcp("127.0.0.1", port))
-            .with_credentials("guest", "guest")
+        SessionConfig::new(BrokerAddress::tcp("127.0.0.1", port)).with_credentials("guest", "guest")
     }
 }
 
@@ -104,7 +106,11 @@ pub struct PrivateBroker {
 impl PrivateBroker {
     /// Starts (or reuses) the instance `name` listening for STOMP on `port`.
     pub fn start(kind: BrokerKind, name: &str, port: u16) -> PrivateBroker {
-        let broker = PrivateBroker { kind, name: name.to_owned(), port };
+        let broker = PrivateBroker {
+            kind,
+            name: name.to_owned(),
+            port,
+        };
         run_script(kind, &broker.args("start"));
         broker
     }
@@ -141,7 +147,10 @@ impl PrivateBroker {
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        let _ = Command::new("bash").arg(self.kind.script()).args(self.args("stop")).output();
+        let _ = Command::new("bash")
+            .arg(self.kind.script())
+            .args(self.args("stop"))
+            .output();
     }
 }
 
@@ -171,7 +180,10 @@ where
         if condition().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -212,12 +224,21 @@ impl TcpProxy {
                 let my_generation = generation2.load(Ordering::SeqCst);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                let gate = Gate { frozen: frozen2.clone(), generation: generation2.clone(), my_generation };
+                let gate = Gate {
+                    frozen: frozen2.clone(),
+                    generation: generation2.clone(),
+                    my_generation,
+                };
                 tokio::spawn(relay(cr, sw, gate.clone()));
                 tokio::spawn(relay(sr, cw, gate));
             }
         });
-        TcpProxy { port, frozen, generation, task }
+        TcpProxy {
+            port,
+            frozen,
+            generation,
+            task,
+        }
     }
 
     /// Stops moving bytes on every link opened so far; new links still work.
@@ -247,7 +268,11 @@ impl Gate {
     }
 }
 
-async fn relay(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, gate: Gate) {
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    gate: Gate,
+) {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 64 * 1024];
     loop {

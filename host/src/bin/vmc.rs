@@ -2,5 +2,8 @@
 //! the API lands: it prints its version and exits.
 
 fn main() {
-    println!("vmc {}: the command-line client is not built yet", vmc_host::VERSION);
+    println!(
+        "vmc {}: the command-line client is not built yet",
+        vmc_host::VERSION
+    );
 }

@@ -52,7 +52,13 @@ enum DecodeState {
     /// Looking for the blank line ending the head; `scanned` bytes are known not to end it.
     Head { scanned: usize },
     /// Head parsed; the body is read by length or up to NUL (`scanned` bytes searched).
-    Body { command: Command, headers: Vec<(String, String)>, head_len: usize, length: Option<usize>, scanned: usize },
+    Body {
+        command: Command,
+        headers: Vec<(String, String)>,
+        head_len: usize,
+        length: Option<usize>,
+        scanned: usize,
+    },
 }
 
 /// The STOMP 1.2 codec, with a frame size limit.
@@ -65,7 +71,10 @@ pub struct StompCodec {
 impl StompCodec {
     /// A codec refusing frames larger than `max_frame_size` bytes.
     pub fn new(max_frame_size: usize) -> StompCodec {
-        StompCodec { max_frame_size, state: DecodeState::Head { scanned: 0 } }
+        StompCodec {
+            max_frame_size,
+            state: DecodeState::Head { scanned: 0 },
+        }
     }
 
     /// The frame size limit in bytes.
@@ -74,7 +83,10 @@ impl StompCodec {
     }
 
     fn too_large(&self, size: usize) -> CodecError {
-        CodecError::FrameTooLarge { size, limit: self.max_frame_size }
+        CodecError::FrameTooLarge {
+            size,
+            limit: self.max_frame_size,
+        }
     }
 }
 
@@ -127,10 +139,20 @@ impl Decoder for StompCodec {
                         }
                         None => None,
                     };
-                    self.state =
-                        DecodeState::Body { command, headers, head_len, length, scanned: 0 };
+                    self.state = DecodeState::Body {
+                        command,
+                        headers,
+                        head_len,
+                        length,
+                        scanned: 0,
+                    };
                 }
-                DecodeState::Body { head_len, length, scanned, .. } => {
+                DecodeState::Body {
+                    head_len,
+                    length,
+                    scanned,
+                    ..
+                } => {
                     let head_len = *head_len;
                     let body_len = match *length {
                         Some(n) => {
@@ -159,13 +181,20 @@ impl Decoder for StompCodec {
                     };
                     let state =
                         std::mem::replace(&mut self.state, DecodeState::Head { scanned: 0 });
-                    let DecodeState::Body { command, headers, .. } = state else {
+                    let DecodeState::Body {
+                        command, headers, ..
+                    } = state
+                    else {
                         unreachable!("state was matched as Body just above");
                     };
                     src.advance(head_len);
                     let body: Bytes = src.split_to(body_len).freeze();
                     src.advance(1); // the NUL
-                    return Ok(Some(StompItem::Frame(Frame { command, headers, body })));
+                    return Ok(Some(StompItem::Frame(Frame {
+                        command,
+                        headers,
+                        body,
+                    })));
                 }
             }
         }
@@ -250,7 +279,10 @@ pub fn encode_frame(frame: &Frame, max_frame_size: usize) -> Result<Bytes, Codec
 fn put_header_part(dst: &mut BytesMut, text: &str, escape: bool) {
     if !escape {
         // CONNECT/CONNECTED cannot escape: drop what would break the line structure.
-        dst.extend(text.bytes().filter(|&b| b != b'\n' && b != b'\r' && b != b':'));
+        dst.extend(
+            text.bytes()
+                .filter(|&b| b != b'\n' && b != b'\r' && b != b':'),
+        );
         return;
     }
     for b in text.bytes() {
@@ -315,8 +347,9 @@ fn parse_head(head: &[u8]) -> Result<Head, CodecError> {
     let escaped = command.escapes_headers();
     let mut headers = Vec::new();
     for line in lines.filter(|l| !l.is_empty()) {
-        let (name, value) =
-            line.split_once(':').ok_or_else(|| CodecError::MalformedHeader(truncate(line)))?;
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| CodecError::MalformedHeader(truncate(line)))?;
         if escaped {
             headers.push((unescape(name)?, unescape(value)?));
         } else {
@@ -380,8 +413,7 @@ mod tests {
     #[test]
     fn decodes_frame_delimited_by_nul() {
         let mut codec = StompCodec::default();
-        let items =
-            decode_all(&mut codec, b"MESSAGE\ndestination:/queue/a\n\nhello\0").unwrap();
+        let items = decode_all(&mut codec, b"MESSAGE\ndestination:/queue/a\n\nhello\0").unwrap();
         let frame = &frames(items)[0];
         assert_eq!(frame.command, Command::Message);
         assert_eq!(frame.header("destination"), Some("/queue/a"));
@@ -398,8 +430,7 @@ mod tests {
     #[test]
     fn heart_beats_and_crlf_are_accepted() {
         let mut codec = StompCodec::default();
-        let items =
-            decode_all(&mut codec, b"\n\r\n\nRECEIPT\r\nreceipt-id:7\r\n\r\n\0\n").unwrap();
+        let items = decode_all(&mut codec, b"\n\r\n\nRECEIPT\r\nreceipt-id:7\r\n\r\n\0\n").unwrap();
         assert_eq!(items[0], StompItem::HeartBeat);
         let frame = &frames(items.clone())[0];
         assert_eq!(frame.header("receipt-id"), Some("7"));
@@ -410,7 +441,10 @@ mod tests {
     fn escapes_are_decoded_except_in_connected() {
         let mut codec = StompCodec::default();
         let items = decode_all(&mut codec, b"MESSAGE\na\\cb:c\\\\d\\ne\\rf\n\n\0").unwrap();
-        assert_eq!(frames(items)[0].headers, vec![("a:b".into(), "c\\d\ne\rf".into())]);
+        assert_eq!(
+            frames(items)[0].headers,
+            vec![("a:b".into(), "c\\d\ne\rf".into())]
+        );
         let items = decode_all(&mut codec, b"CONNECTED\nserver:x\\c\n\n\0").unwrap();
         assert_eq!(frames(items)[0].header("server"), Some("x\\c"));
     }
@@ -456,8 +490,11 @@ mod tests {
 
     #[test]
     fn content_length_without_nul_is_an_error() {
-        let err = decode_all(&mut StompCodec::default(), b"MESSAGE\ncontent-length:1\n\nab\0")
-            .unwrap_err();
+        let err = decode_all(
+            &mut StompCodec::default(),
+            b"MESSAGE\ncontent-length:1\n\nab\0",
+        )
+        .unwrap_err();
         assert!(matches!(err, CodecError::MissingNul));
     }
 

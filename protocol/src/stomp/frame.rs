@@ -73,7 +73,9 @@ impl Command {
 
     /// Parses a command line (without its EOL); `None` when it is not a STOMP command.
     pub fn parse(line: &[u8]) -> Option<Command> {
-        Command::ALL.into_iter().find(|c| c.as_str().as_bytes() == line)
+        Command::ALL
+            .into_iter()
+            .find(|c| c.as_str().as_bytes() == line)
     }
 
     /// CONNECT and CONNECTED frames carry their headers unescaped (spec, "Value Encoding").
@@ -99,7 +101,11 @@ pub struct Frame {
 impl Frame {
     /// A frame with no headers and an empty body.
     pub fn new(command: Command) -> Frame {
-        Frame { command, headers: Vec::new(), body: Bytes::new() }
+        Frame {
+            command,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
     }
 
     /// Adds a header (builder style). Repeating a name keeps both; the first counts.
@@ -118,7 +124,10 @@ impl Frame {
 
     /// The value of the first header with this name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Replaces every header of this name by one with the given value.
@@ -141,7 +150,10 @@ impl fmt::Debug for Frame {
             .field("command", &self.command)
             .field("headers", &self.headers)
             .field("body_len", &self.body.len())
-            .field("body_prefix", &String::from_utf8_lossy(&self.body[..prefix_len]))
+            .field(
+                "body_prefix",
+                &String::from_utf8_lossy(&self.body[..prefix_len]),
+            )
             .finish()
     }
 }
@@ -161,13 +173,17 @@ mod tests {
 
     #[test]
     fn first_repeated_header_counts() {
-        let frame = Frame::new(Command::Message).with_header("a", "1").with_header("a", "2");
+        let frame = Frame::new(Command::Message)
+            .with_header("a", "1")
+            .with_header("a", "2");
         assert_eq!(frame.header("a"), Some("1"));
     }
 
     #[test]
     fn set_header_replaces_all_occurrences() {
-        let mut frame = Frame::new(Command::Send).with_header("a", "1").with_header("a", "2");
+        let mut frame = Frame::new(Command::Send)
+            .with_header("a", "1")
+            .with_header("a", "2");
         frame.set_header("a", "3");
         assert_eq!(frame.headers, vec![("a".to_owned(), "3".to_owned())]);
     }

@@ -61,7 +61,11 @@ pub struct BrokerAddress {
 impl BrokerAddress {
     /// A plain TCP address.
     pub fn tcp(host: impl Into<String>, port: u16) -> BrokerAddress {
-        BrokerAddress { host: host.into(), port, tls: false }
+        BrokerAddress {
+            host: host.into(),
+            port,
+            tls: false,
+        }
     }
 
     /// Parses `stomp://host:port`, `stomp+ssl://host:port` (or `stomps://`), or `host:port`.
@@ -69,8 +73,9 @@ impl BrokerAddress {
         let bad = || StompError::BadAddress(url.to_owned());
         let (tls, rest) = if let Some(rest) = url.strip_prefix("stomp://") {
             (false, rest)
-        } else if let Some(rest) =
-            url.strip_prefix("stomp+ssl://").or_else(|| url.strip_prefix("stomps://"))
+        } else if let Some(rest) = url
+            .strip_prefix("stomp+ssl://")
+            .or_else(|| url.strip_prefix("stomps://"))
         {
             (true, rest)
         } else if url.contains("://") {
@@ -85,7 +90,11 @@ impl BrokerAddress {
         if host.is_empty() || port == 0 {
             return Err(bad());
         }
-        Ok(BrokerAddress { host: host.to_owned(), port, tls })
+        Ok(BrokerAddress {
+            host: host.to_owned(),
+            port,
+            tls,
+        })
     }
 }
 
@@ -203,7 +212,11 @@ impl Subscription {
 
     /// Adds a header to the SUBSCRIBE frame (builder style).
     #[must_use]
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Subscription {
+    pub fn with_header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Subscription {
         self.headers.push((name.into(), value.into()));
         self
     }
@@ -247,13 +260,27 @@ impl Message {
 #[derive(Clone, Debug)]
 pub enum SessionEvent {
     /// A connection is up, subscriptions restored and pending frames re-sent.
-    Connected { generation: u64, address: BrokerAddress, server: Option<String> },
+    Connected {
+        generation: u64,
+        address: BrokerAddress,
+        server: Option<String>,
+    },
     /// The connection `generation` ended; the session reconnects unless shut down.
-    Disconnected { generation: u64, reason: String },
+    Disconnected {
+        generation: u64,
+        reason: String,
+    },
     /// A connection attempt failed; the next one follows after `retry_in`.
-    ConnectFailed { address: BrokerAddress, reason: String, retry_in: Duration },
+    ConnectFailed {
+        address: BrokerAddress,
+        reason: String,
+        retry_in: Duration,
+    },
     /// The broker sent an ERROR frame (it closes the connection after it).
-    BrokerError { message: String, body: String },
+    BrokerError {
+        message: String,
+        body: String,
+    },
     Message(Message),
 }
 
@@ -277,11 +304,27 @@ pub struct StompClient {
 type Waiter = oneshot::Sender<Result<(), StompError>>;
 
 enum Request {
-    Send { frame: Frame, receipt: Option<Waiter> },
-    Subscribe { id: String, subscription: Subscription, done: Waiter },
-    Unsubscribe { id: String, done: Waiter },
-    Ack { ack_id: String, generation: u64, nack: bool },
-    Shutdown { done: Waiter },
+    Send {
+        frame: Frame,
+        receipt: Option<Waiter>,
+    },
+    Subscribe {
+        id: String,
+        subscription: Subscription,
+        done: Waiter,
+    },
+    Unsubscribe {
+        id: String,
+        done: Waiter,
+    },
+    Ack {
+        ack_id: String,
+        generation: u64,
+        nack: bool,
+    },
+    Shutdown {
+        done: Waiter,
+    },
 }
 
 impl StompClient {
@@ -309,7 +352,11 @@ impl StompClient {
     /// [`send_with_receipt`]: StompClient::send_with_receipt
     pub async fn send(&self, frame: Frame) -> Result<(), StompError> {
         self.check_size(&frame)?;
-        self.request(Request::Send { frame, receipt: None }).await
+        self.request(Request::Send {
+            frame,
+            receipt: None,
+        })
+        .await
     }
 
     /// Sends a frame and waits for the broker's RECEIPT, re-sending it after
@@ -317,16 +364,28 @@ impl StompClient {
     pub async fn send_with_receipt(&self, frame: Frame) -> Result<(), StompError> {
         self.check_size(&frame)?;
         let (done, wait) = oneshot::channel();
-        self.request(Request::Send { frame, receipt: Some(done) }).await?;
+        self.request(Request::Send {
+            frame,
+            receipt: Some(done),
+        })
+        .await?;
         wait.await.unwrap_or(Err(StompError::Closed))
     }
 
     /// Subscribes, waiting until the broker has confirmed the subscription. It is
     /// renewed on every reconnection. Returns the subscription id.
     pub async fn subscribe(&self, subscription: Subscription) -> Result<String, StompError> {
-        let id = format!("sub-{}", self.next_subscription.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "sub-{}",
+            self.next_subscription.fetch_add(1, Ordering::Relaxed)
+        );
         let (done, wait) = oneshot::channel();
-        self.request(Request::Subscribe { id: id.clone(), subscription, done }).await?;
+        self.request(Request::Subscribe {
+            id: id.clone(),
+            subscription,
+            done,
+        })
+        .await?;
         wait.await.unwrap_or(Err(StompError::Closed))?;
         Ok(id)
     }
@@ -334,7 +393,11 @@ impl StompClient {
     /// Ends a subscription, waiting for the broker's confirmation when connected.
     pub async fn unsubscribe(&self, id: &str) -> Result<(), StompError> {
         let (done, wait) = oneshot::channel();
-        self.request(Request::Unsubscribe { id: id.to_owned(), done }).await?;
+        self.request(Request::Unsubscribe {
+            id: id.to_owned(),
+            done,
+        })
+        .await?;
         wait.await.unwrap_or(Err(StompError::Closed))
     }
 
@@ -377,19 +440,28 @@ impl StompClient {
         let Some(ack_id) = message.frame.header("ack") else {
             return Ok(()); // auto-ack subscription: nothing to do
         };
-        let request =
-            Request::Ack { ack_id: ack_id.to_owned(), generation: message.generation, nack };
+        let request = Request::Ack {
+            ack_id: ack_id.to_owned(),
+            generation: message.generation,
+            nack,
+        };
         self.request(request).await
     }
 
     async fn request(&self, request: Request) -> Result<(), StompError> {
-        self.requests.send(request).await.map_err(|_| StompError::Closed)
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| StompError::Closed)
     }
 
     fn check_size(&self, frame: &Frame) -> Result<(), StompError> {
         let size = encoded_len_estimate(frame);
         if size > self.max_frame_size {
-            return Err(StompError::TooLarge { size, limit: self.max_frame_size });
+            return Err(StompError::TooLarge {
+                size,
+                limit: self.max_frame_size,
+            });
         }
         Ok(())
     }
@@ -397,7 +469,11 @@ impl StompClient {
 
 /// An upper bound of the encoded size of a frame (escaping at most doubles a header).
 fn encoded_len_estimate(frame: &Frame) -> usize {
-    let head: usize = frame.headers.iter().map(|(n, v)| 2 * (n.len() + v.len()) + 2).sum();
+    let head: usize = frame
+        .headers
+        .iter()
+        .map(|(n, v)| 2 * (n.len() + v.len()) + 2)
+        .sum();
     frame.command.as_str().len() + head + 40 + frame.body.len()
 }
 
@@ -505,8 +581,8 @@ impl Session {
 
     async fn run(mut self) {
         loop {
-            let address = self.config.addresses[self.next_address % self.config.addresses.len()]
-                .clone();
+            let address =
+                self.config.addresses[self.next_address % self.config.addresses.len()].clone();
             self.next_address += 1;
             match self.connect(&address).await {
                 Ok((conn, server)) => {
@@ -531,8 +607,14 @@ impl Session {
                 }
                 Err(reason) => {
                     let retry_in = self.next_backoff();
-                    log::warn!("STOMP connect to {address} failed: {reason}; retrying in {retry_in:?}");
-                    self.emit(SessionEvent::ConnectFailed { address, reason, retry_in });
+                    log::warn!(
+                        "STOMP connect to {address} failed: {reason}; retrying in {retry_in:?}"
+                    );
+                    self.emit(SessionEvent::ConnectFailed {
+                        address,
+                        reason,
+                        retry_in,
+                    });
                     if let Some(end) = self.wait_down(retry_in).await {
                         self.close(end);
                         return;
@@ -581,9 +663,18 @@ impl Session {
                     None => self.outbox.push_back(Outgoing::Plain(frame)),
                 }
             }
-            Request::Subscribe { id, subscription, done } => {
-                self.subscriptions
-                    .insert(id, SubscriptionEntry { subscription, waiters: vec![done] });
+            Request::Subscribe {
+                id,
+                subscription,
+                done,
+            } => {
+                self.subscriptions.insert(
+                    id,
+                    SubscriptionEntry {
+                        subscription,
+                        waiters: vec![done],
+                    },
+                );
             }
             Request::Unsubscribe { id, done } => {
                 self.subscriptions.remove(&id);
@@ -597,7 +688,14 @@ impl Session {
     fn add_pending(&mut self, frame: Frame, waiter: Option<Waiter>, queued: bool) -> u64 {
         let seq = self.next_receipt;
         self.next_receipt += 1;
-        self.pending.insert(seq, PendingReceipt { frame, waiter, queued });
+        self.pending.insert(
+            seq,
+            PendingReceipt {
+                frame,
+                waiter,
+                queued,
+            },
+        );
         seq
     }
 
@@ -666,7 +764,10 @@ impl Session {
         if let Some(passcode) = &self.config.passcode {
             connect = connect.with_header("passcode", passcode.clone());
         }
-        writer.send(&connect).await.map_err(|e| format!("cannot send CONNECT: {e}"))?;
+        writer
+            .send(&connect)
+            .await
+            .map_err(|e| format!("cannot send CONNECT: {e}"))?;
         let deadline = Instant::now() + timeout;
         let connected = loop {
             let item = tokio::time::timeout_at(deadline, incoming.recv())
@@ -718,8 +819,14 @@ impl Session {
             return LinkFailure::Failed(reason);
         }
         log::info!("STOMP connection {} to {address} is up", conn.generation);
-        let _ = self.link.send(LinkState::Up { generation: conn.generation });
-        self.emit(SessionEvent::Connected { generation: conn.generation, address, server });
+        let _ = self.link.send(LinkState::Up {
+            generation: conn.generation,
+        });
+        self.emit(SessionEvent::Connected {
+            generation: conn.generation,
+            address,
+            server,
+        });
         let tick = conn
             .send_every
             .into_iter()
@@ -787,8 +894,12 @@ impl Session {
             let frame = self.subscribe_frame(&id);
             self.write(conn, StompItem::Frame(frame)).await?;
         }
-        let written: Vec<u64> =
-            self.pending.iter().filter(|(_, p)| !p.queued).map(|(seq, _)| *seq).collect();
+        let written: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.queued)
+            .map(|(seq, _)| *seq)
+            .collect();
         for seq in written {
             let frame = receipted(&self.pending[&seq].frame, seq);
             self.write(conn, StompItem::Frame(frame)).await?;
@@ -836,7 +947,8 @@ impl Session {
             frame = frame.with_header(name.clone(), value.clone());
         }
         let receipt = format!("s-{}-{}", id, self.generation);
-        self.control_receipts.insert(receipt.clone(), ControlReceipt::Subscribed(id.to_owned()));
+        self.control_receipts
+            .insert(receipt.clone(), ControlReceipt::Subscribed(id.to_owned()));
         frame.with_header("receipt", receipt)
     }
 
@@ -857,9 +969,18 @@ impl Session {
                     result
                 }
             },
-            Request::Subscribe { id, subscription, done } => {
-                self.subscriptions
-                    .insert(id.clone(), SubscriptionEntry { subscription, waiters: vec![done] });
+            Request::Subscribe {
+                id,
+                subscription,
+                done,
+            } => {
+                self.subscriptions.insert(
+                    id.clone(),
+                    SubscriptionEntry {
+                        subscription,
+                        waiters: vec![done],
+                    },
+                );
                 let frame = self.subscribe_frame(&id);
                 self.write(conn, StompItem::Frame(frame)).await
             }
@@ -869,20 +990,28 @@ impl Session {
                     return Ok(());
                 }
                 let receipt = format!("u-{id}-{}", self.generation);
-                self.control_receipts.insert(receipt.clone(), ControlReceipt::Unsubscribed(done));
+                self.control_receipts
+                    .insert(receipt.clone(), ControlReceipt::Unsubscribed(done));
                 let frame = Frame::new(Command::Unsubscribe)
                     .with_header("id", id)
                     .with_header("receipt", receipt);
                 self.write(conn, StompItem::Frame(frame)).await
             }
-            Request::Ack { ack_id, generation, nack } => {
+            Request::Ack {
+                ack_id,
+                generation,
+                nack,
+            } => {
                 if generation != conn.generation {
                     log::debug!("dropping ACK of a message from connection {generation}");
                     return Ok(());
                 }
                 let command = if nack { Command::Nack } else { Command::Ack };
-                self.write(conn, StompItem::Frame(Frame::new(command).with_header("id", ack_id)))
-                    .await
+                self.write(
+                    conn,
+                    StompItem::Frame(Frame::new(command).with_header("id", ack_id)),
+                )
+                .await
             }
             Request::Shutdown { .. } => unreachable!("handled in serve"),
         }
@@ -899,7 +1028,11 @@ impl Session {
                     log::debug!("MESSAGE for ended subscription {subscription} ignored");
                     return Ok(());
                 }
-                self.emit(SessionEvent::Message(Message { frame, subscription, generation }));
+                self.emit(SessionEvent::Message(Message {
+                    frame,
+                    subscription,
+                    generation,
+                }));
                 Ok(())
             }
             Command::Receipt => {
@@ -914,7 +1047,10 @@ impl Session {
                 let message = frame.header("message").unwrap_or("(no message)").to_owned();
                 let body = String::from_utf8_lossy(&frame.body).trim().to_owned();
                 log::error!("the broker sent ERROR: {message} {body}");
-                self.emit(SessionEvent::BrokerError { message: message.clone(), body });
+                self.emit(SessionEvent::BrokerError {
+                    message: message.clone(),
+                    body,
+                });
                 Err(format!("the broker sent ERROR: {message}"))
             }
             other => {
@@ -951,7 +1087,8 @@ impl Session {
 
     async fn disconnect_gracefully(&mut self, conn: &mut Connection) {
         let receipt = "d-0".to_owned();
-        self.control_receipts.insert(receipt.clone(), ControlReceipt::Disconnected);
+        self.control_receipts
+            .insert(receipt.clone(), ControlReceipt::Disconnected);
         let frame = Frame::new(Command::Disconnect).with_header("receipt", receipt.clone());
         if self.write(conn, StompItem::Frame(frame)).await.is_err() {
             return;
@@ -1013,7 +1150,9 @@ async fn open_stream(
         .await
         .map_err(|e| format!("TCP connect: {e}"))?;
     // Without TCP_NODELAY an ACK followed by a SEND waits ~40 ms for Nagle's algorithm.
-    stream.set_nodelay(true).map_err(|e| format!("TCP_NODELAY: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10));
@@ -1034,11 +1173,16 @@ async fn tls_stream(
 ) -> Result<Box<dyn Io>, String> {
     let settings = tls.ok_or("a stomp+ssl address needs TLS settings (a CA file)")?;
     let connector = tls_connector(settings).map_err(|e| e.to_string())?;
-    let name = settings.server_name.clone().unwrap_or_else(|| address.host.clone());
+    let name = settings
+        .server_name
+        .clone()
+        .unwrap_or_else(|| address.host.clone());
     let server_name = rustls::pki_types::ServerName::try_from(name.clone())
         .map_err(|e| format!("invalid TLS server name {name:?}: {e}"))?;
-    let stream =
-        connector.connect(server_name, stream).await.map_err(|e| format!("TLS handshake: {e}"))?;
+    let stream = connector
+        .connect(server_name, stream)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
     Ok(Box::new(stream))
 }
 
@@ -1059,7 +1203,9 @@ pub fn tls_connector(settings: &TlsSettings) -> Result<tokio_rustls::TlsConnecto
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert = cert.map_err(|e| StompError::Tls(format!("bad PEM certificate: {e}")))?;
-        roots.add(cert).map_err(|e| StompError::Tls(format!("unusable CA certificate: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| StompError::Tls(format!("unusable CA certificate: {e}")))?;
     }
     if roots.is_empty() {
         return Err(StompError::Tls(format!(
@@ -1107,16 +1253,28 @@ mod tests {
         let tls = BrokerAddress::parse("stomp+ssl://[::1]:61615/").unwrap();
         assert_eq!((tls.host.as_str(), tls.port, tls.tls), ("::1", 61615, true));
         assert_eq!(BrokerAddress::parse("localhost:1").unwrap().port, 1);
-        for bad in ["http://x:1", "stomp://x", "stomp://:1", "stomp://x:0", "x:99999"] {
+        for bad in [
+            "http://x:1",
+            "stomp://x",
+            "stomp://:1",
+            "stomp://x:0",
+            "x:99999",
+        ] {
             assert!(BrokerAddress::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn heart_beats_negotiate_as_the_spec_says() {
-        assert_eq!(parse_heart_beat(Some("0,10000")), (Duration::ZERO, Duration::from_secs(10)));
+        assert_eq!(
+            parse_heart_beat(Some("0,10000")),
+            (Duration::ZERO, Duration::from_secs(10))
+        );
         assert_eq!(parse_heart_beat(None), (Duration::ZERO, Duration::ZERO));
-        assert_eq!(parse_heart_beat(Some("junk")), (Duration::ZERO, Duration::ZERO));
+        assert_eq!(
+            parse_heart_beat(Some("junk")),
+            (Duration::ZERO, Duration::ZERO)
+        );
         let s = Duration::from_secs;
         assert_eq!(negotiate(s(10), s(4)), Some(s(10)));
         assert_eq!(negotiate(s(1), s(4)), Some(s(4)));
@@ -1129,7 +1287,9 @@ mod tests {
         let frame = Frame::new(Command::Send)
             .with_header("destination", "/queue/a:b\\c")
             .with_body(vec![0u8; 1000]);
-        let exact = crate::stomp::codec::encode_frame(&frame, usize::MAX).unwrap().len();
+        let exact = crate::stomp::codec::encode_frame(&frame, usize::MAX)
+            .unwrap()
+            .len();
         assert!(encoded_len_estimate(&frame) >= exact);
     }
 }

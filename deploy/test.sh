@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# deploy/test.sh -- the project's one test command (README "Run every test").
+#
+# On a fresh Debian 12 machine (root, no systemd) it installs what the tests need,
+# starts the real brokers (RabbitMQ with STOMP on 127.0.0.1:61613, ActiveMQ on
+# 127.0.0.1:61614), then checks formatting, runs clippy with warnings as errors,
+# and runs every test of the workspace against those brokers. Brokers started
+# here keep running afterwards (stop them with deploy/brokers/down.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "brokers"
+bash deploy/brokers/up.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    # Each test in its own process, two at a time (the machine has two cores and
+    # the broker-restart tests are slow rather than busy).
+    cargo nextest run --workspace --locked --no-fail-fast --test-threads 4
+    # nextest does not run doctests.
+    cargo test --workspace --locked --doc
+else
+    cargo test --workspace --locked --no-fail-fast
+fi
