@@ -9,7 +9,9 @@
 # exits 0 running, 1 starting/unresponsive, 3 stopped.)
 #
 # Instance "main" (default) is the system node rabbit@localhost: STOMP on
-# 127.0.0.1:61613, AMQP 127.0.0.1:5672, distribution 127.0.0.1:25672, config in
+# 127.0.0.1:61613, STOMP over TLS on 127.0.0.1:61615 (a test CA and server
+# certificate are made with openssl in $VMC_BROKER_STATE/tls/: clients trust
+# tls/ca.pem), AMQP 127.0.0.1:5672, distribution 127.0.0.1:25672, config in
 # /etc/rabbitmq, data in /var/lib/rabbitmq/mnesia, logs in /var/log/rabbitmq.
 #
 # A named instance is a separate Erlang node vmc-NAME@localhost with all its
@@ -26,7 +28,7 @@ set -euo pipefail
 BROKER=rabbitmq
 SERVER_TAG=RabbitMQ
 DEFAULT_PORT=61613
-PACKAGES=(rabbitmq-server)
+PACKAGES=(rabbitmq-server openssl)
 
 RMQ_USER=rabbitmq
 RMQ_HOME=/var/lib/rabbitmq # the user's HOME: shared .erlang.cookie
@@ -45,7 +47,9 @@ rmq_layout() {
         MNESIA_BASE=$RMQ_HOME/mnesia
         LOG_BASE=/var/log/rabbitmq
         PID_FILE=$MNESIA_BASE/$NODENAME.pid
+        TLS_PORT=61615
     else
+        TLS_PORT=
         NODENAME=vmc-$INSTANCE@localhost
         if ((PORT + 2000 <= 65535)); then
             AMQP_PORT=$((PORT + 1000)) DIST_PORT=$((PORT + 2000))
@@ -120,6 +124,43 @@ rmq_env() {
         "ERL_EPMD_ADDRESS=127.0.0.1"
 }
 
+# rmq_tls_files: make (once) a CA and a server certificate for 127.0.0.1 and
+# localhost, valid ten years, under $VMC_BROKER_STATE/tls, readable by the broker.
+rmq_tls_files() {
+    TLS_DIR=$VMC_BROKER_STATE/tls
+    [[ -s $TLS_DIR/server.pem ]] && return 0
+    mkdir -p "$VMC_BROKER_STATE"
+    local tmp
+    tmp=$(mktemp -d "$TLS_DIR.XXXXXX")
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vmcontroller test CA" \
+        -keyout "$tmp/ca.key" -out "$tmp/ca.pem" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout "$tmp/server.key" -out "$tmp/server.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$tmp/ext.cnf"
+    openssl x509 -req -in "$tmp/server.csr" -CA "$tmp/ca.pem" -CAkey "$tmp/ca.key" \
+        -CAcreateserial -days 3650 -extfile "$tmp/ext.cnf" -out "$tmp/server.pem" 2>/dev/null
+    chmod 644 "$tmp"/*.pem "$tmp/server.key"
+    chmod 755 "$tmp"
+    rm -rf "$TLS_DIR"
+    mv "$tmp" "$TLS_DIR"
+}
+
+# The STOMP-over-TLS lines of rabbitmq.conf (main instance only).
+rmq_tls_config() {
+    if [[ -z $TLS_PORT ]]; then
+        echo "stomp.listeners.ssl = none"
+        return
+    fi
+    rmq_tls_files
+    printf '%s\n' \
+        "stomp.listeners.ssl.1 = 127.0.0.1:$TLS_PORT" \
+        "ssl_options.cacertfile = $TLS_DIR/ca.pem" \
+        "ssl_options.certfile = $TLS_DIR/server.pem" \
+        "ssl_options.keyfile = $TLS_DIR/server.key" \
+        "ssl_options.verify = verify_none" \
+        "ssl_options.fail_if_no_peer_cert = false"
+}
+
 b_configure() {
     rmq_layout
     mkdir -p "$CONF_DIR" "$MNESIA_BASE" "$LOG_BASE"
@@ -138,7 +179,7 @@ b_configure() {
 listeners.tcp.1 = 127.0.0.1:$AMQP_PORT
 listeners.ssl = none
 stomp.listeners.tcp.1 = 127.0.0.1:$PORT
-stomp.listeners.ssl = none
+$(rmq_tls_config)
 stomp.tcp_listen_options.nodelay = true
 stomp.default_vhost = /
 distribution.listener.interface = 127.0.0.1
@@ -196,6 +237,7 @@ b_pid() {
 b_ports() {
     rmq_layout
     printf '%s\n' "$AMQP_PORT AMQP" "$DIST_PORT Erlang distribution"
+    [[ -z $TLS_PORT ]] || printf '%s\n' "$TLS_PORT STOMP over TLS"
 }
 
 b_logs() {

@@ -8,11 +8,14 @@ use bytes::Bytes;
 use std::collections::BTreeSet;
 use std::time::Duration;
 use tokio::sync::mpsc::UnboundedReceiver;
+use vmc_protocol::stomp::session::{LinkState, TlsSettings};
 use vmc_protocol::stomp::{
-    Command, Frame, Message, SessionConfig, SessionEvent, StompClient, StompError, Subscription,
+    BrokerAddress, Command, Frame, Message, SessionConfig, SessionEvent, StompClient, StompError,
+    Subscription,
 };
 use vmc_tests::{
-    init_logging, shared_broker, unique_name, within, BrokerKind, PrivateBroker, TcpProxy,
+    broker_tls_ca_file, init_logging, shared_broker, unique_name, within, BrokerKind,
+    PrivateBroker, TcpProxy, RABBITMQ_TLS_PORT,
 };
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -285,12 +288,14 @@ async fn silent_broker_is_detected_by_heart_beats(kind: BrokerKind) {
     client.shutdown().await.unwrap();
 }
 
-/// Sends `count` numbered messages with receipts while the broker is restarted
-/// (`restart` is called once `count / 2` receipts have arrived), and checks that the
-/// consumer receives every one of them.
+/// Keeps sending numbered messages with receipts while the broker is stopped (or
+/// killed) and started again, and checks that the consumer receives every one of
+/// them: those confirmed before the restart, those sent while it was down (queued by
+/// the session and waiting for receipts), and those after.
 async fn nothing_is_lost_across(broker: PrivateBroker, crash: bool) {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
     init_logging();
-    let count = 2_000u32;
     let queue = format!("/queue/{}", unique_name("vmc-test.restart"));
     let mut config = broker.session_config();
     config.reconnect_max = Duration::from_millis(500);
@@ -300,41 +305,42 @@ async fn nothing_is_lost_across(broker: PrivateBroker, crash: bool) {
         .await
         .unwrap();
     let (producer, mut producer_events) = connect(config).await;
-    let (halfway_tx, halfway_rx) = tokio::sync::oneshot::channel();
+    let confirmed = Arc::new(AtomicU32::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
     let sender = tokio::spawn({
-        let queue = queue.clone();
+        let (queue, confirmed, stop) = (queue.clone(), confirmed.clone(), stop.clone());
         async move {
-            let mut halfway = Some(halfway_tx);
-            for i in 0..count {
+            let mut i = 0u32;
+            while !stop.load(Ordering::SeqCst) {
                 producer
                     .send_with_receipt(send_frame(&queue, i.to_string()))
                     .await
                     .unwrap();
-                if i == count / 2 {
-                    if let Some(tx) = halfway.take() {
-                        let _ = tx.send(());
-                    }
-                }
+                i += 1;
+                confirmed.store(i, Ordering::SeqCst);
             }
-            producer
+            (producer, i)
         }
     });
+    let (seen_tx, seen_rx) = tokio::sync::watch::channel(BTreeSet::new());
     let receiver = tokio::spawn(async move {
-        let mut seen = BTreeSet::new();
-        while seen.len() < count as usize {
+        loop {
             let message = next_message(&mut inbox).await;
             let n: u32 = std::str::from_utf8(&message.frame.body)
                 .unwrap()
                 .parse()
                 .unwrap();
-            seen.insert(n);
+            seen_tx.send_modify(|seen| {
+                seen.insert(n);
+            });
             consumer.ack(&message).await.unwrap();
         }
-        (consumer, seen)
     });
-    within(PATIENCE, "half of the receipts", halfway_rx)
-        .await
-        .unwrap();
+    vmc_tests::wait_until(PATIENCE, "500 receipts", || {
+        let n = confirmed.load(Ordering::SeqCst);
+        async move { n >= 500 }
+    })
+    .await;
     let broker = tokio::task::spawn_blocking(move || {
         if crash {
             broker.kill();
@@ -346,13 +352,30 @@ async fn nothing_is_lost_across(broker: PrivateBroker, crash: bool) {
     })
     .await
     .unwrap();
-    let producer = within(Duration::from_secs(120), "every receipt", sender)
+    let after_restart = confirmed.load(Ordering::SeqCst);
+    vmc_tests::wait_until(
+        Duration::from_secs(60),
+        "500 more receipts after the restart",
+        || {
+            let n = confirmed.load(Ordering::SeqCst);
+            async move { n >= after_restart + 500 }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let (producer, sent) = within(PATIENCE, "the producer to stop", sender)
         .await
         .unwrap();
-    let (consumer, seen) = within(Duration::from_secs(120), "every message", receiver)
-        .await
-        .unwrap();
-    assert_eq!(seen, (0..count).collect::<BTreeSet<_>>());
+    let mut seen = seen_rx.clone();
+    within(
+        Duration::from_secs(60),
+        "every message",
+        seen.wait_for(|s| s.len() >= sent as usize),
+    )
+    .await
+    .unwrap();
+    assert_eq!(*seen_rx.borrow(), (0..sent).collect::<BTreeSet<_>>());
+    receiver.abort();
     let mut reconnected = false;
     while let Ok(event) = producer_events.try_recv() {
         reconnected |=
@@ -360,7 +383,6 @@ async fn nothing_is_lost_across(broker: PrivateBroker, crash: bool) {
     }
     assert!(reconnected, "the producer went through a reconnection");
     producer.shutdown().await.unwrap();
-    consumer.shutdown().await.unwrap();
     drop(broker);
 }
 
@@ -477,3 +499,50 @@ macro_rules! broker_tests {
 
 broker_tests!(rabbitmq, BrokerKind::RabbitMq, 61710);
 broker_tests!(activemq, BrokerKind::ActiveMq, 61720);
+
+fn tls_config(server_name: Option<&str>) -> SessionConfig {
+    let address =
+        BrokerAddress::parse(&format!("stomp+ssl://127.0.0.1:{RABBITMQ_TLS_PORT}")).unwrap();
+    let mut config = SessionConfig::new(address).with_credentials("guest", "guest");
+    config.tls = Some(TlsSettings {
+        ca_file: broker_tls_ca_file(),
+        server_name: server_name.map(str::to_owned),
+    });
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_session_carries_binary_messages() {
+    init_logging();
+    shared_broker(BrokerKind::RabbitMq);
+    let (client, mut events) = connect(tls_config(Some("localhost"))).await;
+    let queue = format!("/queue/{}", unique_name("vmc-test.tls"));
+    client.subscribe(Subscription::new(&queue)).await.unwrap();
+    let body: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    client
+        .send_with_receipt(send_frame(&queue, body.clone()))
+        .await
+        .unwrap();
+    let message = next_message(&mut events).await;
+    assert!(message.frame.body[..] == body[..]);
+    client.ack(&message).await.unwrap();
+    client.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refuses_a_broker_certificate_for_another_name() {
+    init_logging();
+    shared_broker(BrokerKind::RabbitMq);
+    let (client, mut events) = StompClient::start(tls_config(Some("broker.invalid")));
+    let reason = within(PATIENCE, "a failed TLS connection", async {
+        loop {
+            if let Some(SessionEvent::ConnectFailed { reason, .. }) = events.recv().await {
+                return reason;
+            }
+        }
+    })
+    .await;
+    assert!(reason.contains("TLS handshake"), "{reason}");
+    assert_eq!(client.link_state(), LinkState::Down);
+    client.shutdown().await.unwrap();
+}

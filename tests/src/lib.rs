@@ -290,3 +290,14 @@ async fn relay(
     }
     let _ = to.shutdown().await;
 }
+
+/// The STOMP-over-TLS port of the shared RabbitMQ (see `deploy/brokers/rabbitmq.sh`).
+pub const RABBITMQ_TLS_PORT: u16 = 61615;
+
+/// The CA certificate that signed the shared RabbitMQ's TLS certificate.
+pub fn broker_tls_ca_file() -> PathBuf {
+    let state = std::env::var_os("VMC_BROKER_STATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/vmc-brokers"));
+    state.join("tls/ca.pem")
+}
