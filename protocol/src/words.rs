@@ -488,6 +488,10 @@ pub enum CommandOutcome {
     /// It never ran; `error` says why.
     #[serde(rename = "failed-to-start")]
     FailedToStart,
+    /// The guest agent stopped (crash, reboot) while the command ran, so how it
+    /// ended is unknown; `error` says so. Reported when the agent starts again.
+    #[serde(rename = "lost")]
+    Lost,
 }
 
 /// The payload of `CMD_RESULT`: the original's six keys, then this version's.
@@ -2178,6 +2182,7 @@ mod tests {
             (CommandOutcome::TimedOut, "timed-out"),
             (CommandOutcome::Cancelled, "cancelled"),
             (CommandOutcome::FailedToStart, "failed-to-start"),
+            (CommandOutcome::Lost, "lost"),
         ];
         for (outcome, name) in outcomes {
             assert_eq!(serde_json::to_value(outcome).unwrap(), name);
@@ -2824,6 +2829,7 @@ mod tests {
             CommandOutcome::TimedOut,
             CommandOutcome::Cancelled,
             CommandOutcome::FailedToStart,
+            CommandOutcome::Lost,
         ])
     }
 

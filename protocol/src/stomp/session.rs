@@ -303,6 +303,17 @@ pub struct StompClient {
 
 type Waiter = oneshot::Sender<Result<(), StompError>>;
 
+/// The pending RECEIPT of a frame queued with [`StompClient::queue_with_receipt`].
+#[derive(Debug)]
+pub struct ReceiptWait(oneshot::Receiver<Result<(), StompError>>);
+
+impl ReceiptWait {
+    /// Waits for the broker's RECEIPT (across reconnections) or the session's end.
+    pub async fn wait(self) -> Result<(), StompError> {
+        self.0.await.unwrap_or(Err(StompError::Closed))
+    }
+}
+
 enum Request {
     Send {
         frame: Frame,
@@ -362,14 +373,17 @@ impl StompClient {
     /// Sends a frame and waits for the broker's RECEIPT, re-sending it after
     /// reconnects until one arrives. Wrap in a timeout to bound the wait.
     pub async fn send_with_receipt(&self, frame: Frame) -> Result<(), StompError> {
+        self.queue_with_receipt(frame).await?.wait().await
+    }
+
+    /// Queues a frame that will be re-sent until the broker's RECEIPT arrives, and
+    /// returns as soon as it is queued; the returned [`ReceiptWait`] tells when the
+    /// receipt came. Frames queued this way keep their order with all other sends.
+    pub async fn queue_with_receipt(&self, frame: Frame) -> Result<ReceiptWait, StompError> {
         self.check_size(&frame)?;
         let (done, wait) = oneshot::channel();
-        self.request(Request::Send {
-            frame,
-            receipt: Some(done),
-        })
-        .await?;
-        wait.await.unwrap_or(Err(StompError::Closed))
+        self.request(Request::Send { frame, receipt: Some(done) }).await?;
+        Ok(ReceiptWait(wait))
     }
 
     /// Subscribes, waiting until the broker has confirmed the subscription. It is
