@@ -1,7 +1,19 @@
 //! The vmcontroller guest agent as a library.
 //!
-//! Presence, command execution, the result spool and file transfer arrive with later
-//! work; for now this crate only re-exports the protocol.
+//! The agent is one tokio process: [`agent`] owns the STOMP session and dispatches
+//! protocol words to [`exec`] (commands), [`files`] (transfers) and [`spool`]
+//! (results kept until the host acknowledges them); [`presence`] builds HELLO and
+//! STILL_ALIVE; [`identity`] finds the guest's id (its NIC's MAC) and the broker (its
+//! default gateway); [`settings`] reads the TOML file and `VMC_*` variables. Every
+//! part sends through the [`outbox`] channel, never through the session directly.
+
+pub mod agent;
+pub mod exec;
+pub mod files;
+pub mod identity;
+pub mod outbox;
+pub mod settings;
+pub mod spool;
 
 pub use vmc_protocol as protocol;
 

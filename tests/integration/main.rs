@@ -6,5 +6,6 @@
 // In tests an unwrap that fails is the test failing, with its location.
 #![allow(clippy::unwrap_used)]
 
+mod guest;
 mod malformed;
 mod transport;

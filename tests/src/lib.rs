@@ -9,6 +9,9 @@
 //! real broker to cut or freeze the link, which is how a network partition looks to
 //! the client. Nothing here listens on anything but loopback.
 
+pub mod agents;
+pub mod transfer;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;

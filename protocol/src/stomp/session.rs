@@ -382,7 +382,11 @@ impl StompClient {
     pub async fn queue_with_receipt(&self, frame: Frame) -> Result<ReceiptWait, StompError> {
         self.check_size(&frame)?;
         let (done, wait) = oneshot::channel();
-        self.request(Request::Send { frame, receipt: Some(done) }).await?;
+        self.request(Request::Send {
+            frame,
+            receipt: Some(done),
+        })
+        .await?;
         Ok(ReceiptWait(wait))
     }
 
