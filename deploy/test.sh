@@ -20,6 +20,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "build the agents' binaries (the integration tests start them as processes)"
+cargo build --workspace --bins --locked
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     # Each test in its own process, two at a time (the machine has two cores and
