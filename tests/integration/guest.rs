@@ -758,50 +758,85 @@ async fn activemq_transfer_resumes_after_a_broker_restart() {
 async fn live_status_is_answered_for_running_and_finished_commands() {
     use vmc_protocol::words::CommandPhase;
     let mut w = world(BrokerKind::RabbitMq, |_| {}).await;
-    let cmd_id = w.start(sh("echo working; i=0; while [ $i -lt 3000000 ]; do i=$((i+1)); done")).await;
+    let cmd_id = w
+        .start(sh(
+            "echo working; i=0; while [ $i -lt 3000000 ]; do i=$((i+1)); done",
+        ))
+        .await;
     let id = cmd_id.clone();
     w.host
-        .expect(PATIENCE, "the command's output", |e| {
-            matches!(&e.message, Message::CmdOutput { cmd_id, .. } if *cmd_id == id)
-        })
+        .expect(
+            PATIENCE,
+            "the command's output",
+            |e| matches!(&e.message, Message::CmdOutput { cmd_id, .. } if *cmd_id == id),
+        )
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = query(&mut w, &cmd_id).await;
     assert_eq!(status.state, CommandPhase::Running);
     assert!(status.pid.is_some());
     assert_eq!(status.out_bytes, "working\n".len() as u64);
-    assert!(status.usage.ru_utime + status.usage.ru_stime > 0.0, "live CPU time: {status:?}");
-    let cancel = Message::CmdCancel { cmd_id: cmd_id.clone(), grace_secs: None };
+    assert!(
+        status.usage.ru_utime + status.usage.ru_stime > 0.0,
+        "live CPU time: {status:?}"
+    );
+    let cancel = Message::CmdCancel {
+        cmd_id: cmd_id.clone(),
+        grace_secs: None,
+    };
     w.host.send_to(&w.id, &cancel).await;
     w.result_of(&cmd_id).await;
     assert_eq!(query(&mut w, &cmd_id).await.state, CommandPhase::Finished);
-    assert_eq!(query(&mut w, "never-sent").await.state, CommandPhase::Unknown);
+    assert_eq!(
+        query(&mut w, "never-sent").await.state,
+        CommandPhase::Unknown
+    );
 }
 
 async fn query(w: &mut World, cmd_id: &str) -> vmc_protocol::words::CommandStatus {
-    w.host.send_to(&w.id, &Message::CmdQuery { cmd_id: cmd_id.to_owned() }).await;
+    w.host
+        .send_to(
+            &w.id,
+            &Message::CmdQuery {
+                cmd_id: cmd_id.to_owned(),
+            },
+        )
+        .await;
     let reply = w
         .host
-        .expect(PATIENCE, "CMD_STATUS", |e| {
-            matches!(&e.message, Message::CmdStatus { cmd_id: c, .. } if c == cmd_id)
-        })
+        .expect(
+            PATIENCE,
+            "CMD_STATUS",
+            |e| matches!(&e.message, Message::CmdStatus { cmd_id: c, .. } if c == cmd_id),
+        )
         .await;
-    let Message::CmdStatus { status, .. } = reply.message else { unreachable!() };
+    let Message::CmdStatus { status, .. } = reply.message else {
+        unreachable!()
+    };
     status
 }
 
 #[test]
 fn help_explains_every_setting_and_mistakes_are_named() {
     let binary = vmc_tests::agents::guest_binary();
-    let help = std::process::Command::new(&binary).arg("--help").output().unwrap();
+    let help = std::process::Command::new(&binary)
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(help.status.success());
     let help = String::from_utf8(help.stdout).unwrap();
     for key in vmc_guest::settings::KEYS {
         assert!(help.contains(key), "--help does not explain {key}");
     }
-    let version = std::process::Command::new(&binary).arg("--version").output().unwrap();
+    let version = std::process::Command::new(&binary)
+        .arg("--version")
+        .output()
+        .unwrap();
     let version = String::from_utf8(version.stdout).unwrap();
-    assert!(version.starts_with("vmc-guest ") && version.contains("protocol 1"), "{version}");
+    assert!(
+        version.starts_with("vmc-guest ") && version.contains("protocol 1"),
+        "{version}"
+    );
 
     let bad = std::process::Command::new(&binary)
         .env("VMC_BROKER", "stomp://127.0.0.1:61613")
@@ -810,7 +845,13 @@ fn help_explains_every_setting_and_mistakes_are_named() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(stderr.contains("`id`"), "the bad setting is named: {stderr}");
-    let unknown = std::process::Command::new(&binary).arg("--frobnicate").output().unwrap();
+    assert!(
+        stderr.contains("`id`"),
+        "the bad setting is named: {stderr}"
+    );
+    let unknown = std::process::Command::new(&binary)
+        .arg("--frobnicate")
+        .output()
+        .unwrap();
     assert_eq!(unknown.status.code(), Some(2));
 }
