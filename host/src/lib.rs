@@ -1,8 +1,12 @@
 //! The vmcontroller host agent as a library.
 //!
-//! The engine (registry, VM, command and transfer actors, the store, the hypervisor
-//! backends) and the API arrive with later work; for now this crate only re-exports
-//! the protocol so that its binaries link against the shared wire types.
+//! [`hypervisor`] is the boundary to the VMs (the `Hypervisor` trait, the QEMU and
+//! unmanaged backends); [`store`] keeps everything durable in SQLite. The actor
+//! engine and the API are built on these.
+
+pub mod engine;
+pub mod hypervisor;
+pub mod store;
 
 pub use vmc_protocol as protocol;
 

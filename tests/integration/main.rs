@@ -7,5 +7,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod guest;
+mod host;
 mod malformed;
 mod transport;

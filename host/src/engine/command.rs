@@ -1,0 +1,347 @@
+//! The command actor: one command execution on one guest, from `queued` to a final
+//! state.
+//!
+//! It sends `CMD_RUN` to the guest's queue (with a broker receipt: then it is
+//! `sent`), follows `CMD_STARTED` (`running`, with the pid), stores every
+//! `CMD_OUTPUT` chunk (idempotently, by offset), and on `CMD_RESULT` stores the
+//! result (the first one wins: duplicates after a reconnection are ignored) and only
+//! then sends `CMD_ACK`, so the guest deletes its spooled copy only once the host
+//! holds it. Its state after that is `finished`, `failed` (never started),
+//! `timed out`, `cancelled` or `lost` (the guest lost track of it, or no result came
+//! within its deadline). A command recovered after a host restart sends `CMD_RUN`
+//! again with the same id: the guest runs a command id at most once and answers a
+//! repeated one with its spooled result. After its end the actor lingers briefly
+//! for late duplicates, then stops; the registry answers from the store after that.
+
+use super::broker::{BrokerActor, Publish};
+use super::EngineError;
+use crate::store::{CommandRecord, CommandState, Store};
+use actix::prelude::*;
+use chrono::Utc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use vmc_protocol::words::{CommandOutcome, CommandResult, CommandStatus, Message as Word};
+
+/// How long a finished command's actor waits for late duplicates before stopping.
+const LINGER: Duration = Duration::from_secs(30);
+
+/// Extra time past a command's own timeout before the host gives up on its result.
+const DEADLINE_SLACK: Duration = Duration::from_secs(60);
+
+/// A command's record and, while it runs, the guest's latest live report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandDetails {
+    pub record: CommandRecord,
+    pub live: Option<CommandStatus>,
+}
+
+/// The final state a guest's result puts a command in.
+pub fn final_state(result: &CommandResult) -> CommandState {
+    match result.state {
+        CommandOutcome::Exited | CommandOutcome::Signalled => CommandState::Finished,
+        CommandOutcome::TimedOut => CommandState::TimedOut,
+        CommandOutcome::Cancelled => CommandState::Cancelled,
+        CommandOutcome::FailedToStart => CommandState::Failed,
+        CommandOutcome::Lost => CommandState::Lost,
+    }
+}
+
+/// The actor of one command.
+pub struct CommandActor {
+    cmd_id: String,
+    store: Arc<Store>,
+    broker: Addr<BrokerActor>,
+    guest_queue: String,
+    guest_id: String,
+    spec: vmc_protocol::words::CommandSpec,
+    recovering: bool,
+    finished: bool,
+    live: Option<CommandStatus>,
+    waiters: Vec<oneshot::Sender<CommandRecord>>,
+    status_waiters: Vec<oneshot::Sender<Option<CommandStatus>>>,
+    on_stop: Option<Recipient<CommandStopped>>,
+}
+
+impl std::fmt::Debug for CommandActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandActor")
+            .field("cmd_id", &self.cmd_id)
+            .finish()
+    }
+}
+
+/// Told to the registry when a command actor stops.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CommandStopped {
+    pub cmd_id: String,
+}
+
+impl CommandActor {
+    /// An actor for the stored command `record`; `recovering` re-sends `CMD_RUN`
+    /// for a command that was in flight when the host stopped.
+    pub fn new(
+        record: &CommandRecord,
+        store: Arc<Store>,
+        broker: Addr<BrokerActor>,
+        guest_queue: String,
+        recovering: bool,
+        on_stop: Recipient<CommandStopped>,
+    ) -> CommandActor {
+        CommandActor {
+            cmd_id: record.cmd_id.clone(),
+            store,
+            broker,
+            guest_queue,
+            guest_id: record.guest_id.clone(),
+            spec: record.spec.clone(),
+            recovering,
+            finished: false,
+            live: None,
+            waiters: Vec::new(),
+            status_waiters: Vec::new(),
+            on_stop: Some(on_stop),
+        }
+    }
+
+    fn record(&self) -> Result<CommandRecord, EngineError> {
+        self.store
+            .command(&self.cmd_id)?
+            .ok_or_else(|| EngineError::UnknownCommand(self.cmd_id.clone()))
+    }
+
+    fn set_state(&self, state: CommandState, error: Option<&str>) {
+        if let Err(e) = self
+            .store
+            .set_command_state(&self.cmd_id, state, Utc::now(), error)
+        {
+            log::error!("cannot store the state of command {}: {e}", self.cmd_id);
+        }
+    }
+
+    /// Marks the command ended without a result from the guest.
+    fn end_without_result(&mut self, state: CommandState, why: &str, ctx: &mut Context<Self>) {
+        self.set_state(state, Some(why));
+        self.finish(ctx);
+    }
+
+    fn finish(&mut self, ctx: &mut Context<Self>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.live = None;
+        if let Ok(record) = self.record() {
+            for waiter in self.waiters.drain(..) {
+                let _ = waiter.send(record.clone());
+            }
+        }
+        for waiter in self.status_waiters.drain(..) {
+            let _ = waiter.send(None);
+        }
+        ctx.run_later(LINGER, |_, ctx| ctx.stop());
+    }
+
+    fn on_result(&mut self, result: CommandResult, ctx: &mut Context<Self>) {
+        let state = final_state(&result);
+        match self.store.record_result(&self.cmd_id, &result, state) {
+            Ok(true) => log::debug!("command {} {}", self.cmd_id, state.as_str()),
+            Ok(false) => log::debug!("duplicate result of command {} ignored", self.cmd_id),
+            Err(e) => {
+                // Not stored: do not acknowledge, so the guest keeps it and resends.
+                log::error!("cannot store the result of command {}: {e}", self.cmd_id);
+                return;
+            }
+        }
+        self.broker.do_send(Publish {
+            destination: self.guest_queue.clone(),
+            word: Word::CmdAck {
+                cmd_id: self.cmd_id.clone(),
+            },
+            to: None,
+            confirm: false,
+        });
+        self.finish(ctx);
+    }
+}
+
+impl Actor for CommandActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let publish = Publish {
+            destination: self.guest_queue.clone(),
+            word: Word::CmdRun {
+                cmd_id: self.cmd_id.clone(),
+                to: self.guest_id.clone(),
+                spec: self.spec.clone(),
+            },
+            to: Some(self.guest_id.clone()),
+            confirm: true,
+        };
+        let recovering = self.recovering;
+        ctx.spawn(self.broker.send(publish).into_actor(self).map(
+            move |sent, act, ctx| match sent {
+                Ok(Ok(())) if !recovering => act.set_state(CommandState::Sent, None),
+                Ok(Ok(())) => log::info!("command {} asked for again after a restart", act.cmd_id),
+                Ok(Err(e)) => act.end_without_result(CommandState::Failed, &e.to_string(), ctx),
+                Err(e) => act.end_without_result(CommandState::Failed, &e.to_string(), ctx),
+            },
+        ));
+        if let Some(timeout) = self
+            .spec
+            .timeout_secs
+            .and_then(|t| Duration::try_from_secs_f64(t).ok())
+        {
+            ctx.run_later(timeout + DEADLINE_SLACK, |act, ctx| {
+                if !act.finished {
+                    let why = "no result arrived from the guest within the command's deadline";
+                    act.end_without_result(CommandState::Lost, why, ctx);
+                }
+            });
+        }
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        if let Some(on_stop) = self.on_stop.take() {
+            on_stop.do_send(CommandStopped {
+                cmd_id: self.cmd_id.clone(),
+            });
+        }
+    }
+}
+
+/// A word from the guest about this command.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct FromGuest {
+    pub word: Word,
+}
+
+impl Handler<FromGuest> for CommandActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromGuest, ctx: &mut Context<Self>) {
+        match msg.word {
+            Word::CmdStarted { pid, .. } => {
+                if !self.finished {
+                    let stored = self
+                        .store
+                        .set_command_state(&self.cmd_id, CommandState::Running, Utc::now(), None)
+                        .and_then(|_| self.store.set_command_pid(&self.cmd_id, pid));
+                    if let Err(e) = stored {
+                        log::error!("cannot store the start of command {}: {e}", self.cmd_id);
+                    }
+                }
+            }
+            Word::CmdOutput {
+                stream,
+                offset,
+                data,
+                ..
+            } => {
+                if let Err(e) = self
+                    .store
+                    .append_output(&self.cmd_id, stream, offset, &data)
+                {
+                    log::error!("cannot store output of command {}: {e}", self.cmd_id);
+                }
+            }
+            Word::CmdStatus { status, .. } => {
+                for waiter in self.status_waiters.drain(..) {
+                    let _ = waiter.send(Some(status.clone()));
+                }
+                self.live = Some(status);
+            }
+            Word::CmdResult(result) => self.on_result(result, ctx),
+            other => log::debug!("command {}: {} ignored", self.cmd_id, other.word()),
+        }
+    }
+}
+
+/// Waits for the command's end.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<CommandRecord, EngineError>")]
+pub struct WaitFinished;
+
+impl Handler<WaitFinished> for CommandActor {
+    type Result = ResponseFuture<Result<CommandRecord, EngineError>>;
+
+    fn handle(&mut self, _msg: WaitFinished, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.finished {
+            let record = self.record();
+            return Box::pin(async move { record });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters.push(tx);
+        let cmd_id = self.cmd_id.clone();
+        Box::pin(async move {
+            rx.await.map_err(|_| {
+                EngineError::Internal(format!("command {cmd_id} stopped unexpectedly"))
+            })
+        })
+    }
+}
+
+/// Asks the guest for live details (waits up to 3 s for `CMD_STATUS`).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<CommandDetails, EngineError>")]
+pub struct Details;
+
+impl Handler<Details> for CommandActor {
+    type Result = ResponseActFuture<Self, Result<CommandDetails, EngineError>>;
+
+    fn handle(&mut self, _msg: Details, _ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        if !self.finished {
+            self.status_waiters.push(tx);
+            self.broker.do_send(Publish {
+                destination: self.guest_queue.clone(),
+                word: Word::CmdQuery {
+                    cmd_id: self.cmd_id.clone(),
+                },
+                to: None,
+                confirm: false,
+            });
+        } else {
+            let _ = tx.send(None);
+        }
+        let wait = async move { tokio::time::timeout(Duration::from_secs(3), rx).await };
+        Box::pin(wait.into_actor(self).map(|answered, act, _| {
+            let live = match answered {
+                Ok(Ok(status)) => status,
+                _ => act.live.clone(),
+            };
+            Ok(CommandDetails {
+                record: act.record()?,
+                live,
+            })
+        }))
+    }
+}
+
+/// Cancels the command.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct Cancel;
+
+impl Handler<Cancel> for CommandActor {
+    type Result = Result<(), EngineError>;
+
+    fn handle(&mut self, _msg: Cancel, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.finished {
+            return Ok(()); // nothing left to cancel
+        }
+        self.broker.do_send(Publish {
+            destination: self.guest_queue.clone(),
+            word: Word::CmdCancel {
+                cmd_id: self.cmd_id.clone(),
+                grace_secs: None,
+            },
+            to: None,
+            confirm: false,
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,363 @@
+//! The host agent's engine: supervised actix actors over the store, the hypervisor
+//! and the broker.
+//!
+//! [`Engine`] is the handle callers use (the API layer, the binary, tests); every
+//! method is one operation, implemented once here and merely encoded by XML-RPC and
+//! JSON. Inside, the [`registry::Registry`] actor owns the map of VMs and routes
+//! everything: one [`vm::VmActor`] per VM (hypervisor state and guest presence),
+//! one [`command::CommandActor`] per command execution, one
+//! [`transfer::TransferActor`] per file transfer, and the [`broker::BrokerActor`]
+//! that owns the STOMP session. No actor reaches into another's state; they talk by
+//! messages. Durable facts go to the [`Store`] before they are acknowledged to a
+//! guest, so a restart of the host agent loses nothing that had finished.
+//! The engine must be started inside an actix `System` (the binary's, or a test's).
+
+pub mod broker;
+pub mod command;
+pub mod presence;
+pub mod registry;
+pub mod transfer;
+pub mod vm;
+
+use crate::hypervisor::{Hypervisor, HypervisorError, VmSpec, VmState};
+use crate::store::{CommandRecord, Store, StoreError, TransferRecord};
+use actix::{Actor, Addr, MailboxError};
+use chrono::{DateTime, Utc};
+use presence::Presence;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use vmc_protocol::destinations::Destinations;
+use vmc_protocol::identity::HostId;
+use vmc_protocol::stomp::SessionConfig;
+use vmc_protocol::words::{CommandSpec, FileErrorCode};
+
+/// Why an engine operation failed. Each variant maps to one stable API fault code.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("there is no VM named {0:?}")]
+    UnknownVm(String),
+    #[error("a VM named {0:?} already exists")]
+    VmExists(String),
+    #[error("there is no command with id {0:?}")]
+    UnknownCommand(String),
+    #[error("there is no transfer with id {0:?}")]
+    UnknownTransfer(String),
+    #[error("bad argument: {0}")]
+    BadArgument(String),
+    #[error("the hypervisor failed")]
+    Hypervisor(#[from] HypervisorError),
+    #[error("the host's database failed")]
+    Store(#[from] StoreError),
+    #[error("the guest of VM {vm:?} cannot be reached: {reason}")]
+    GuestUnreachable { vm: String, reason: String },
+    #[error("{what} did not finish within {secs:.1} s")]
+    Timeout { what: String, secs: f64 },
+    #[error("the transfer failed ({code}): {message}")]
+    Transfer {
+        code: FileErrorCode,
+        message: String,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<MailboxError> for EngineError {
+    fn from(e: MailboxError) -> EngineError {
+        EngineError::Internal(format!("an engine actor is not answering: {e}"))
+    }
+}
+
+/// What the engine needs to run.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub host_id: HostId,
+    pub session: SessionConfig,
+    pub destinations: Destinations,
+    pub state_dir: PathBuf,
+    /// The backend of the VMs this host creates.
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// The guests' beacon interval: presence turns suspect after 3, lost after 4.5.
+    pub beacon_interval: Duration,
+    /// File transfer chunk size and window (chunks in flight).
+    pub chunk_size: u32,
+    pub window: u32,
+    /// A transfer with no progress for this long asks the guest where it stands.
+    pub transfer_stall: Duration,
+}
+
+impl EngineConfig {
+    /// Defaults for everything but identity, broker, state and hypervisor.
+    pub fn new(
+        host_id: HostId,
+        session: SessionConfig,
+        state_dir: PathBuf,
+        hypervisor: Arc<dyn Hypervisor>,
+    ) -> EngineConfig {
+        EngineConfig {
+            host_id,
+            session,
+            destinations: Destinations::default(),
+            state_dir,
+            hypervisor,
+            beacon_interval: Duration::from_secs(10),
+            chunk_size: 1024 * 1024,
+            window: 8,
+            transfer_stall: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A VM as callers see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmView {
+    pub name: String,
+    /// The guest id (the NIC's MAC address for VMs).
+    pub id: String,
+    pub backend: String,
+    pub state: VmState,
+    pub presence: Presence,
+    pub presence_since: DateTime<Utc>,
+    pub last_heard: Option<DateTime<Utc>>,
+    /// What the guest said in its last HELLO.
+    pub guest: Option<vmc_protocol::words::GuestInfo>,
+}
+
+/// The per-target outcome of a multicast command.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FanoutView {
+    pub fanout_id: String,
+    /// One record per targeted VM.
+    pub commands: Vec<CommandRecord>,
+}
+
+/// The engine handle: cheap to clone, usable from any task of the actix system.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    registry: Addr<registry::Registry>,
+    store: Arc<Store>,
+}
+
+impl Engine {
+    /// Opens the store, starts the broker session and the actors, and restores
+    /// every VM and every unfinished command from the store.
+    pub async fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+            EngineError::Internal(format!("cannot create {}: {e}", config.state_dir.display()))
+        })?;
+        let store = Arc::new(Store::open(&config.state_dir.join("vmc-host.sqlite"))?);
+        let registry = registry::Registry::new(config, store.clone()).start();
+        registry.send(registry::Boot).await??;
+        Ok(Engine { registry, store })
+    }
+
+    /// The store, for read-only queries.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Creates a VM (`createVM`).
+    pub async fn create_vm(&self, spec: VmSpec) -> Result<VmView, EngineError> {
+        self.registry.send(registry::CreateVm { spec }).await?
+    }
+
+    /// Removes a VM and its files (`removeVM`); its command history stays.
+    pub async fn remove_vm(&self, vm: &str) -> Result<(), EngineError> {
+        self.registry
+            .send(registry::RemoveVm { vm: vm.to_owned() })
+            .await?
+    }
+
+    /// A lifecycle operation (`start`, `shutdown`, `pause`, ...).
+    pub async fn lifecycle(&self, vm: &str, op: vm::LifecycleOp) -> Result<VmState, EngineError> {
+        self.registry
+            .send(registry::Lifecycle {
+                vm: vm.to_owned(),
+                op,
+            })
+            .await?
+    }
+
+    /// One VM.
+    pub async fn vm(&self, vm: &str) -> Result<VmView, EngineError> {
+        self.registry
+            .send(registry::GetVm { vm: vm.to_owned() })
+            .await?
+    }
+
+    /// Every VM, by name.
+    pub async fn vms(&self) -> Result<Vec<VmView>, EngineError> {
+        self.registry.send(registry::ListVms).await?
+    }
+
+    /// Runs a command on one VM's guest; returns its id at once (`runCmd`).
+    pub async fn run_command(&self, vm: &str, spec: CommandSpec) -> Result<String, EngineError> {
+        self.registry
+            .send(registry::RunCommand {
+                vm: vm.to_owned(),
+                spec,
+            })
+            .await?
+    }
+
+    /// Runs a command on every VM whose name or id matches `glob` (one command per
+    /// target); returns the fan-out with each target's command id.
+    pub async fn run_multicast(
+        &self,
+        glob: &str,
+        spec: CommandSpec,
+    ) -> Result<FanoutView, EngineError> {
+        self.registry
+            .send(registry::RunMulticast {
+                glob: glob.to_owned(),
+                spec,
+            })
+            .await?
+    }
+
+    /// The record of a command (state, timestamps, result once finished). Results
+    /// are never consumed by reading them.
+    pub fn command(&self, cmd_id: &str) -> Result<CommandRecord, EngineError> {
+        self.store
+            .command(cmd_id)?
+            .ok_or_else(|| EngineError::UnknownCommand(cmd_id.to_owned()))
+    }
+
+    /// Waits until a command has finished (any final state) or `timeout` passes.
+    pub async fn wait_command(
+        &self,
+        cmd_id: &str,
+        timeout: Duration,
+    ) -> Result<CommandRecord, EngineError> {
+        let wait = self.registry.send(registry::WaitCommand {
+            cmd_id: cmd_id.to_owned(),
+        });
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result?,
+            Err(_) => Err(EngineError::Timeout {
+                what: format!("command {cmd_id}"),
+                secs: timeout.as_secs_f64(),
+            }),
+        }
+    }
+
+    /// Asks the guest for a running command's live state and usage (`getCmdDetails`).
+    pub async fn command_details(
+        &self,
+        cmd_id: &str,
+    ) -> Result<command::CommandDetails, EngineError> {
+        self.registry
+            .send(registry::QueryCommand {
+                cmd_id: cmd_id.to_owned(),
+            })
+            .await?
+    }
+
+    /// Cancels a command: the guest kills its whole process group.
+    pub async fn cancel_command(&self, cmd_id: &str) -> Result<(), EngineError> {
+        self.registry
+            .send(registry::CancelCommand {
+                cmd_id: cmd_id.to_owned(),
+            })
+            .await?
+    }
+
+    /// Sends PING and waits for PONG (`ping`); returns the round-trip time.
+    pub async fn ping(&self, vm: &str, timeout: Duration) -> Result<Duration, EngineError> {
+        self.registry
+            .send(registry::Ping {
+                vm: vm.to_owned(),
+                timeout,
+            })
+            .await?
+    }
+
+    /// Copies a local file to the guest; returns when the guest has verified it
+    /// (`cpFileToVM`).
+    pub async fn copy_to_vm(
+        &self,
+        vm: &str,
+        local: PathBuf,
+        remote: String,
+    ) -> Result<TransferRecord, EngineError> {
+        let start = registry::StartTransfer {
+            vm: vm.to_owned(),
+            to_guest: true,
+            local,
+            remote,
+        };
+        let transfer_id = self.registry.send(start).await??;
+        self.wait_transfer(&transfer_id).await
+    }
+
+    /// Copies a guest's file here; returns when verified (`cpFileFromVM`).
+    pub async fn copy_from_vm(
+        &self,
+        vm: &str,
+        remote: String,
+        local: PathBuf,
+    ) -> Result<TransferRecord, EngineError> {
+        let start = registry::StartTransfer {
+            vm: vm.to_owned(),
+            to_guest: false,
+            local,
+            remote,
+        };
+        let transfer_id = self.registry.send(start).await??;
+        self.wait_transfer(&transfer_id).await
+    }
+
+    /// Waits for a transfer's end; a failed transfer is an error with its code.
+    pub async fn wait_transfer(&self, transfer_id: &str) -> Result<TransferRecord, EngineError> {
+        self.registry
+            .send(registry::WaitTransfer {
+                transfer_id: transfer_id.to_owned(),
+            })
+            .await?
+    }
+
+    /// A transfer's record with its progress.
+    pub fn transfer(&self, transfer_id: &str) -> Result<TransferRecord, EngineError> {
+        self.store
+            .transfer(transfer_id)?
+            .ok_or_else(|| EngineError::UnknownTransfer(transfer_id.to_owned()))
+    }
+
+    /// Snapshots of a VM (`listSnapshots`).
+    pub async fn snapshots(
+        &self,
+        vm: &str,
+    ) -> Result<Vec<crate::hypervisor::SnapshotInfo>, EngineError> {
+        self.registry
+            .send(registry::ListSnapshots { vm: vm.to_owned() })
+            .await?
+    }
+
+    /// Performance data of a VM (`getPerformanceData`).
+    pub async fn performance(
+        &self,
+        vm: &str,
+    ) -> Result<crate::hypervisor::PerformanceData, EngineError> {
+        self.registry
+            .send(registry::Performance { vm: vm.to_owned() })
+            .await?
+    }
+
+    /// Makes a VM's actor stop as a crash would; its supervisor restarts it from the
+    /// store. For tests of supervision.
+    pub async fn crash_vm_actor(&self, vm: &str) -> Result<(), EngineError> {
+        self.registry
+            .send(registry::CrashVm { vm: vm.to_owned() })
+            .await?
+    }
+
+    /// Stops the broker session cleanly (the actors stop with the actix system).
+    pub async fn shutdown(&self) {
+        let _ = self.registry.send(registry::Shutdown).await;
+    }
+}
+
+/// A fresh unique id with a prefix, e.g. `cmd-5f0c…`.
+pub(crate) fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}

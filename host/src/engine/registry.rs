@@ -1,0 +1,924 @@
+//! The registry actor: owns the map of VMs, supervises their actors, and routes
+//! every guest message to the one actor it concerns.
+//!
+//! It creates one supervised [`VmActor`] per VM (from the store at boot, on
+//! `createVM`, and for an unmanaged guest the first time it says HELLO), one
+//! [`CommandActor`] per command and one [`TransferActor`] per transfer, and knows
+//! them by name, guest id, cmd-id and transfer id. Guest messages arrive from the
+//! broker actor as [`Incoming`]; the registry answers only once the actor concerned
+//! has handled the message, which is when the broker acknowledges it. Words for a
+//! command whose actor is gone (finished long ago, or the host restarted) are
+//! handled from the store: a repeated result is acknowledged again, never stored
+//! twice. Operations on one VM are forwarded to its actor; the registry itself
+//! never calls the hypervisor except to create and remove VMs.
+
+use super::broker::{BrokerActor, CloseSession, Publish};
+use super::command::{self, CommandActor, CommandDetails, CommandStopped};
+use super::transfer::{self, TransferActor, TransferPlan};
+use super::vm::{self, LifecycleOp, VmActor};
+use super::{new_id, EngineConfig, EngineError, FanoutView, VmView};
+use crate::hypervisor::unmanaged::{self, Unmanaged};
+use crate::hypervisor::{Hypervisor, SnapshotInfo, VmSpec, VmState};
+use crate::store::{
+    CommandRecord, CommandState, Store, TransferDirection, TransferRecord, TransferState, VmRecord,
+};
+use actix::prelude::*;
+use chrono::Utc;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use vmc_protocol::glob::glob_match;
+use vmc_protocol::identity::GuestId;
+use vmc_protocol::words::{CommandSpec, Envelope, Message as Word};
+
+/// The registry actor.
+pub struct Registry {
+    config: EngineConfig,
+    store: Arc<Store>,
+    unmanaged: Arc<dyn Hypervisor>,
+    broker: Option<Addr<BrokerActor>>,
+    vms: HashMap<String, Addr<VmActor>>,
+    /// Guest id → VM name.
+    ids: HashMap<String, String>,
+    commands: HashMap<String, Addr<CommandActor>>,
+    transfers: HashMap<String, Addr<TransferActor>>,
+    pings: HashMap<String, oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("vms", &self.vms.len())
+            .field("commands", &self.commands.len())
+            .finish()
+    }
+}
+
+impl Registry {
+    pub fn new(config: EngineConfig, store: Arc<Store>) -> Registry {
+        Registry {
+            config,
+            store,
+            unmanaged: Arc::new(Unmanaged),
+            broker: None,
+            vms: HashMap::new(),
+            ids: HashMap::new(),
+            commands: HashMap::new(),
+            transfers: HashMap::new(),
+            pings: HashMap::new(),
+        }
+    }
+
+    fn broker(&self) -> Result<Addr<BrokerActor>, EngineError> {
+        self.broker
+            .clone()
+            .ok_or_else(|| EngineError::Internal("the engine has not booted".into()))
+    }
+
+    fn hypervisor_for(&self, backend: &str) -> Arc<dyn Hypervisor> {
+        if backend == unmanaged::NAME {
+            self.unmanaged.clone()
+        } else {
+            self.config.hypervisor.clone()
+        }
+    }
+
+    fn start_vm_actor(&mut self, record: &VmRecord) {
+        let hypervisor = self.hypervisor_for(&record.backend);
+        let (store, beacon, rec) = (
+            self.store.clone(),
+            self.config.beacon_interval,
+            record.clone(),
+        );
+        let addr = Supervisor::start(move |_| VmActor::new(&rec, hypervisor, store, beacon));
+        if let Some(id) = &record.id {
+            self.ids.insert(id.clone(), record.name.clone());
+        }
+        self.vms.insert(record.name.clone(), addr);
+    }
+
+    fn vm_addr(&self, vm: &str) -> Result<Addr<VmActor>, EngineError> {
+        self.vms
+            .get(vm)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownVm(vm.to_owned()))
+    }
+
+    fn guest_queue(&self, guest_id: &str) -> Result<String, EngineError> {
+        let id = GuestId::new(guest_id).map_err(|e| EngineError::BadArgument(e.to_string()))?;
+        Ok(self.config.destinations.guest_queue(&id))
+    }
+
+    /// The guest id of a VM (its MAC, or an unmanaged guest's own id).
+    fn guest_id_of(&self, vm: &str) -> Result<String, EngineError> {
+        let record = self
+            .store
+            .vm(vm)?
+            .ok_or_else(|| EngineError::UnknownVm(vm.to_owned()))?;
+        record
+            .id
+            .or(record.mac)
+            .ok_or_else(|| EngineError::BadArgument(format!("VM {vm:?} has no guest id (no NIC)")))
+    }
+
+    fn start_command(
+        &mut self,
+        vm: &str,
+        spec: CommandSpec,
+        fanout_id: Option<String>,
+        ctx: &mut Context<Self>,
+    ) -> Result<CommandRecord, EngineError> {
+        if spec.cmd.is_empty() {
+            return Err(EngineError::BadArgument("the command is empty".into()));
+        }
+        let guest_id = self.guest_id_of(vm)?;
+        let mut record =
+            CommandRecord::new(new_id("cmd"), Some(vm), guest_id.clone(), spec, Utc::now());
+        record.fanout_id = fanout_id;
+        self.store.insert_command(&record)?;
+        let actor = CommandActor::new(
+            &record,
+            self.store.clone(),
+            self.broker()?,
+            self.guest_queue(&guest_id)?,
+            false,
+            ctx.address().recipient(),
+        );
+        self.commands.insert(record.cmd_id.clone(), actor.start());
+        Ok(record)
+    }
+
+    /// The VM of an unmanaged guest seen for the first time.
+    fn adopt_guest(&mut self, guest_id: &str) -> Result<(), EngineError> {
+        if self.ids.contains_key(guest_id) {
+            return Ok(());
+        }
+        let record = match self.store.vm_by_id(guest_id)? {
+            Some(record) => record,
+            None => {
+                if self.vms.contains_key(guest_id) {
+                    return Err(EngineError::VmExists(guest_id.to_owned()));
+                }
+                let record = VmRecord::unmanaged(guest_id, Utc::now());
+                self.store.put_vm(&record)?;
+                log::info!("unmanaged guest {guest_id} appeared");
+                record
+            }
+        };
+        self.start_vm_actor(&record);
+        Ok(())
+    }
+
+    /// Routes one guest message; the future completes once it was handled.
+    fn route(&mut self, envelope: Envelope) -> ResponseFuture<()> {
+        let from = envelope.from.clone().unwrap_or_default();
+        // Any message from a guest is a sign of life.
+        let vm = self
+            .ids
+            .get(&from)
+            .and_then(|name| self.vms.get(name))
+            .cloned();
+        match envelope.message {
+            word @ (Word::Hello(_) | Word::StillAlive(_) | Word::Bye { .. }) => {
+                if let Word::Hello(info) = &word {
+                    if let Err(e) = self.adopt_guest(info.id.as_str()) {
+                        log::error!("cannot adopt guest {}: {e}", info.id);
+                    }
+                } else if vm.is_none() && !from.is_empty() {
+                    if let Err(e) = self.adopt_guest(&from) {
+                        log::warn!("ignoring presence of {from:?}: {e}");
+                    }
+                }
+                let vm = self
+                    .ids
+                    .get(&from)
+                    .and_then(|name| self.vms.get(name))
+                    .cloned();
+                Box::pin(async move {
+                    if let Some(vm) = vm {
+                        let _ = vm.send(vm::GuestSaid { word }).await;
+                    }
+                })
+            }
+            Word::Pong { ping_id } => {
+                if let Some(vm) = vm {
+                    vm.do_send(vm::GuestSaid {
+                        word: Word::Pong {
+                            ping_id: ping_id.clone(),
+                        },
+                    });
+                }
+                if let Some(waiter) = self.pings.remove(&ping_id) {
+                    let _ = waiter.send(());
+                }
+                Box::pin(async {})
+            }
+            word @ (Word::CmdStarted { .. }
+            | Word::CmdOutput { .. }
+            | Word::CmdResult(_)
+            | Word::CmdStatus { .. }) => {
+                let cmd_id = match &word {
+                    Word::CmdStarted { cmd_id, .. }
+                    | Word::CmdOutput { cmd_id, .. }
+                    | Word::CmdStatus { cmd_id, .. } => cmd_id.clone(),
+                    Word::CmdResult(result) => result.cmd_id.clone(),
+                    _ => unreachable!("matched above"),
+                };
+                if let Some(vm) = vm {
+                    if matches!(word, Word::CmdResult(_) | Word::CmdStarted { .. }) {
+                        vm.do_send(vm::GuestSaid {
+                            word: Word::Ping {
+                                ping_id: String::new(),
+                            },
+                        });
+                    }
+                }
+                if let Some(actor) = self.commands.get(&cmd_id).cloned() {
+                    return Box::pin(async move {
+                        let _ = actor.send(command::FromGuest { word }).await;
+                    });
+                }
+                if let Word::CmdResult(result) = word {
+                    self.orphan_result(&from, result);
+                }
+                Box::pin(async {})
+            }
+            word @ (Word::FileReady { .. }
+            | Word::FileChunk { .. }
+            | Word::FileAck { .. }
+            | Word::FileEnd { .. }
+            | Word::FileDone { .. }
+            | Word::FileError { .. }
+            | Word::FileAbort { .. }) => {
+                let transfer_id = match &word {
+                    Word::FileReady { transfer_id, .. }
+                    | Word::FileChunk { transfer_id, .. }
+                    | Word::FileAck { transfer_id, .. }
+                    | Word::FileEnd { transfer_id, .. }
+                    | Word::FileDone { transfer_id, .. }
+                    | Word::FileError { transfer_id, .. }
+                    | Word::FileAbort { transfer_id, .. } => transfer_id.clone(),
+                    _ => unreachable!("matched above"),
+                };
+                match self.transfers.get(&transfer_id).cloned() {
+                    Some(actor) => Box::pin(async move {
+                        let _ = actor.send(transfer::FromGuest { word }).await;
+                    }),
+                    None => {
+                        log::debug!("{} for unknown transfer {transfer_id}", word.word());
+                        Box::pin(async {})
+                    }
+                }
+            }
+            Word::Aint { word, reason } => {
+                log::warn!("guest {from:?} did not understand our {word}: {reason}");
+                Box::pin(async {})
+            }
+            other => {
+                log::debug!("{} from {from:?} is not for a host: ignored", other.word());
+                Box::pin(async {})
+            }
+        }
+    }
+
+    /// A result for a command without an actor: store it if we know the command
+    /// (first result wins) and acknowledge it so the guest can forget it.
+    fn orphan_result(&mut self, from: &str, result: vmc_protocol::words::CommandResult) {
+        let cmd_id = result.cmd_id.clone();
+        match self.store.command(&cmd_id) {
+            Ok(Some(record)) => {
+                let state = command::final_state(&result);
+                if let Err(e) = self.store.record_result(&cmd_id, &result, state) {
+                    log::error!("cannot store the result of {cmd_id}: {e}");
+                    return;
+                }
+                let Ok(queue) = self.guest_queue(&record.guest_id) else {
+                    return;
+                };
+                if let Ok(broker) = self.broker() {
+                    broker.do_send(Publish {
+                        destination: queue,
+                        word: Word::CmdAck { cmd_id },
+                        to: None,
+                        confirm: false,
+                    });
+                }
+            }
+            Ok(None) => {
+                log::warn!("result of unknown command {cmd_id} from {from:?}: kept on the guest")
+            }
+            Err(e) => log::error!("cannot look up command {cmd_id}: {e}"),
+        }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+/// Starts the broker session and restores VMs and unfinished commands.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct Boot;
+
+impl Handler<Boot> for Registry {
+    type Result = Result<(), EngineError>;
+
+    fn handle(&mut self, _msg: Boot, ctx: &mut Context<Self>) -> Self::Result {
+        let broker = BrokerActor::new(
+            self.config.session.clone(),
+            self.config.host_id.clone(),
+            self.config.destinations.clone(),
+            ctx.address(),
+        )
+        .start();
+        self.broker = Some(broker.clone());
+        for record in self.store.vms()? {
+            self.start_vm_actor(&record);
+        }
+        for record in self.store.unfinished_commands()? {
+            let Ok(queue) = self.guest_queue(&record.guest_id) else {
+                continue;
+            };
+            log::info!(
+                "recovering command {} ({})",
+                record.cmd_id,
+                record.state.as_str()
+            );
+            let actor = CommandActor::new(
+                &record,
+                self.store.clone(),
+                broker.clone(),
+                queue,
+                true,
+                ctx.address().recipient(),
+            );
+            self.commands.insert(record.cmd_id.clone(), actor.start());
+        }
+        Ok(())
+    }
+}
+
+/// A message from a guest, decoded by the broker actor.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Incoming {
+    pub envelope: Envelope,
+}
+
+impl Handler<Incoming> for Registry {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: Incoming, _ctx: &mut Context<Self>) -> Self::Result {
+        self.route(msg.envelope)
+    }
+}
+
+impl Handler<CommandStopped> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: CommandStopped, _ctx: &mut Context<Self>) {
+        self.commands.remove(&msg.cmd_id);
+    }
+}
+
+/// `createVM`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<VmView, EngineError>")]
+pub struct CreateVm {
+    pub spec: VmSpec,
+}
+
+impl Handler<CreateVm> for Registry {
+    type Result = ResponseActFuture<Self, Result<VmView, EngineError>>;
+
+    fn handle(&mut self, msg: CreateVm, _ctx: &mut Context<Self>) -> Self::Result {
+        let name = msg.spec.name.clone();
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !valid {
+            let err = EngineError::BadArgument(format!(
+                "VM name {name:?} must be 1 to 64 characters of letters, digits, '-', '_' and '.'"
+            ));
+            return Box::pin(actix::fut::ready(Err(err)));
+        }
+        if self.vms.contains_key(&name) {
+            return Box::pin(actix::fut::ready(Err(EngineError::VmExists(name))));
+        }
+        let hypervisor = self.config.hypervisor.clone();
+        let create =
+            async move { tokio::task::spawn_blocking(move || hypervisor.create(&msg.spec)).await };
+        Box::pin(create.into_actor(self).then(move |created, act, _| {
+            let outcome = (|| {
+                let definition = created.map_err(|e| EngineError::Internal(e.to_string()))??;
+                let record = VmRecord::from_definition(&definition, Utc::now());
+                act.store.put_vm(&record)?;
+                act.start_vm_actor(&record);
+                act.vm_addr(&name)
+            })();
+            async move {
+                match outcome {
+                    Ok(addr) => Ok(addr.send(vm::GetView).await?),
+                    Err(e) => Err(e),
+                }
+            }
+            .into_actor(act)
+        }))
+    }
+}
+
+/// `removeVM`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct RemoveVm {
+    pub vm: String,
+}
+
+impl Handler<RemoveVm> for Registry {
+    type Result = ResponseActFuture<Self, Result<(), EngineError>>;
+
+    fn handle(&mut self, msg: RemoveVm, _ctx: &mut Context<Self>) -> Self::Result {
+        let addr = match self.vm_addr(&msg.vm) {
+            Ok(addr) => addr,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        let record = self.store.vm(&msg.vm).ok().flatten();
+        let hypervisor = record
+            .as_ref()
+            .map(|r| self.hypervisor_for(&r.backend))
+            .unwrap_or_else(|| self.unmanaged.clone());
+        let work = async move {
+            let definition = addr.send(vm::GetDefinition).await?;
+            tokio::task::spawn_blocking(move || hypervisor.remove(&definition))
+                .await
+                .map_err(|e| EngineError::Internal(e.to_string()))??;
+            addr.do_send(vm::Retire);
+            Ok::<(), EngineError>(())
+        };
+        let name = msg.vm;
+        Box::pin(work.into_actor(self).map(move |done, act, _| {
+            done?;
+            act.store.remove_vm(&name)?;
+            act.vms.remove(&name);
+            act.ids.retain(|_, n| *n != name);
+            Ok(())
+        }))
+    }
+}
+
+/// A lifecycle operation on one VM.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<VmState, EngineError>")]
+pub struct Lifecycle {
+    pub vm: String,
+    pub op: LifecycleOp,
+}
+
+impl Handler<Lifecycle> for Registry {
+    type Result = ResponseFuture<Result<VmState, EngineError>>;
+
+    fn handle(&mut self, msg: Lifecycle, _ctx: &mut Context<Self>) -> Self::Result {
+        let addr = self.vm_addr(&msg.vm);
+        Box::pin(async move { addr?.send(vm::Lifecycle { op: msg.op }).await? })
+    }
+}
+
+/// One VM's view.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<VmView, EngineError>")]
+pub struct GetVm {
+    pub vm: String,
+}
+
+impl Handler<GetVm> for Registry {
+    type Result = ResponseFuture<Result<VmView, EngineError>>;
+
+    fn handle(&mut self, msg: GetVm, _ctx: &mut Context<Self>) -> Self::Result {
+        let addr = self.vm_addr(&msg.vm);
+        Box::pin(async move { Ok(addr?.send(vm::GetView).await?) })
+    }
+}
+
+/// Every VM's view, by name.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<VmView>, EngineError>")]
+pub struct ListVms;
+
+impl Handler<ListVms> for Registry {
+    type Result = ResponseFuture<Result<Vec<VmView>, EngineError>>;
+
+    fn handle(&mut self, _msg: ListVms, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut addrs: Vec<(String, Addr<VmActor>)> = self
+            .vms
+            .iter()
+            .map(|(n, a)| (n.clone(), a.clone()))
+            .collect();
+        addrs.sort_by(|a, b| a.0.cmp(&b.0));
+        Box::pin(async move {
+            let mut views = Vec::with_capacity(addrs.len());
+            for (_, addr) in addrs {
+                views.push(addr.send(vm::GetView).await?);
+            }
+            Ok(views)
+        })
+    }
+}
+
+/// Snapshots of one VM.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<SnapshotInfo>, EngineError>")]
+pub struct ListSnapshots {
+    pub vm: String,
+}
+
+impl Handler<ListSnapshots> for Registry {
+    type Result = ResponseFuture<Result<Vec<SnapshotInfo>, EngineError>>;
+
+    fn handle(&mut self, msg: ListSnapshots, _ctx: &mut Context<Self>) -> Self::Result {
+        let addr = self.vm_addr(&msg.vm);
+        Box::pin(async move { addr?.send(vm::ListSnapshots).await? })
+    }
+}
+
+/// Performance data of one VM.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<crate::hypervisor::PerformanceData, EngineError>")]
+pub struct Performance {
+    pub vm: String,
+}
+
+impl Handler<Performance> for Registry {
+    type Result = ResponseFuture<Result<crate::hypervisor::PerformanceData, EngineError>>;
+
+    fn handle(&mut self, msg: Performance, _ctx: &mut Context<Self>) -> Self::Result {
+        let addr = self.vm_addr(&msg.vm);
+        Box::pin(async move { addr?.send(vm::Performance).await? })
+    }
+}
+
+/// Makes a VM's actor stop as if it crashed (supervision tests).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct CrashVm {
+    pub vm: String,
+}
+
+impl Handler<CrashVm> for Registry {
+    type Result = Result<(), EngineError>;
+
+    fn handle(&mut self, msg: CrashVm, _ctx: &mut Context<Self>) -> Self::Result {
+        self.vm_addr(&msg.vm)?.do_send(vm::Crash);
+        Ok(())
+    }
+}
+
+/// `runCmd`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<String, EngineError>")]
+pub struct RunCommand {
+    pub vm: String,
+    pub spec: CommandSpec,
+}
+
+impl Handler<RunCommand> for Registry {
+    type Result = Result<String, EngineError>;
+
+    fn handle(&mut self, msg: RunCommand, ctx: &mut Context<Self>) -> Self::Result {
+        self.vm_addr(&msg.vm)?;
+        Ok(self.start_command(&msg.vm, msg.spec, None, ctx)?.cmd_id)
+    }
+}
+
+/// A command on every VM whose name or guest id matches a glob.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<FanoutView, EngineError>")]
+pub struct RunMulticast {
+    pub glob: String,
+    pub spec: CommandSpec,
+}
+
+impl Handler<RunMulticast> for Registry {
+    type Result = Result<FanoutView, EngineError>;
+
+    fn handle(&mut self, msg: RunMulticast, ctx: &mut Context<Self>) -> Self::Result {
+        let mut targets: Vec<String> = self
+            .vms
+            .keys()
+            .filter(|name| {
+                glob_match(&msg.glob, name)
+                    || self
+                        .ids
+                        .iter()
+                        .any(|(id, n)| n == *name && glob_match(&msg.glob, id))
+            })
+            .cloned()
+            .collect();
+        targets.sort();
+        if targets.is_empty() {
+            return Err(EngineError::BadArgument(format!(
+                "no VM matches {:?}",
+                msg.glob
+            )));
+        }
+        let fanout_id = new_id("fan");
+        let mut commands = Vec::with_capacity(targets.len());
+        for vm in targets {
+            match self.start_command(&vm, msg.spec.clone(), Some(fanout_id.clone()), ctx) {
+                Ok(record) => commands.push(record),
+                Err(e) => {
+                    // A partial failure: record it as a failed command of the fan-out.
+                    let mut record = CommandRecord::new(
+                        new_id("cmd"),
+                        Some(&vm),
+                        String::new(),
+                        msg.spec.clone(),
+                        Utc::now(),
+                    );
+                    record.fanout_id = Some(fanout_id.clone());
+                    record.state = CommandState::Failed;
+                    record.error = Some(e.to_string());
+                    if let Err(e) = self.store.insert_command(&record) {
+                        log::error!("cannot record a failed fan-out target: {e}");
+                    }
+                    commands.push(record);
+                }
+            }
+        }
+        Ok(FanoutView {
+            fanout_id,
+            commands,
+        })
+    }
+}
+
+/// Waits for a command's end.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<CommandRecord, EngineError>")]
+pub struct WaitCommand {
+    pub cmd_id: String,
+}
+
+impl Handler<WaitCommand> for Registry {
+    type Result = ResponseFuture<Result<CommandRecord, EngineError>>;
+
+    fn handle(&mut self, msg: WaitCommand, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(actor) = self.commands.get(&msg.cmd_id).cloned() {
+            return Box::pin(async move { actor.send(command::WaitFinished).await? });
+        }
+        let record = self.store.command(&msg.cmd_id);
+        Box::pin(async move {
+            let record = record?.ok_or(EngineError::UnknownCommand(msg.cmd_id.clone()))?;
+            if record.state.is_final() {
+                Ok(record)
+            } else {
+                Err(EngineError::Internal(format!(
+                    "command {} is {} with no actor",
+                    msg.cmd_id,
+                    record.state.as_str()
+                )))
+            }
+        })
+    }
+}
+
+/// `getCmdDetails`: the record and the guest's live report.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<CommandDetails, EngineError>")]
+pub struct QueryCommand {
+    pub cmd_id: String,
+}
+
+impl Handler<QueryCommand> for Registry {
+    type Result = ResponseFuture<Result<CommandDetails, EngineError>>;
+
+    fn handle(&mut self, msg: QueryCommand, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(actor) = self.commands.get(&msg.cmd_id).cloned() {
+            return Box::pin(async move { actor.send(command::Details).await? });
+        }
+        let record = self.store.command(&msg.cmd_id);
+        Box::pin(async move {
+            let record = record?.ok_or(EngineError::UnknownCommand(msg.cmd_id))?;
+            Ok(CommandDetails { record, live: None })
+        })
+    }
+}
+
+/// Cancels a command.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct CancelCommand {
+    pub cmd_id: String,
+}
+
+impl Handler<CancelCommand> for Registry {
+    type Result = ResponseFuture<Result<(), EngineError>>;
+
+    fn handle(&mut self, msg: CancelCommand, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(actor) = self.commands.get(&msg.cmd_id).cloned() {
+            return Box::pin(async move { actor.send(command::Cancel).await? });
+        }
+        let known = self.store.command(&msg.cmd_id);
+        Box::pin(async move {
+            known?
+                .map(|_| ())
+                .ok_or(EngineError::UnknownCommand(msg.cmd_id)) // already over
+        })
+    }
+}
+
+/// `ping`: PING to the guest, waiting for PONG.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Duration, EngineError>")]
+pub struct Ping {
+    pub vm: String,
+    pub timeout: Duration,
+}
+
+impl Handler<Ping> for Registry {
+    type Result = ResponseFuture<Result<Duration, EngineError>>;
+
+    fn handle(&mut self, msg: Ping, _ctx: &mut Context<Self>) -> Self::Result {
+        let prepared = (|| {
+            self.vm_addr(&msg.vm)?;
+            let queue = self.guest_queue(&self.guest_id_of(&msg.vm)?)?;
+            Ok::<_, EngineError>((queue, self.broker()?))
+        })();
+        let (queue, broker) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let ping_id = new_id("ping");
+        let (tx, rx) = oneshot::channel();
+        self.pings.insert(ping_id.clone(), tx);
+        let vm = msg.vm;
+        Box::pin(async move {
+            let started = Instant::now();
+            broker
+                .send(Publish {
+                    destination: queue,
+                    word: Word::Ping { ping_id },
+                    to: None,
+                    confirm: false,
+                })
+                .await??;
+            match tokio::time::timeout(msg.timeout, rx).await {
+                Ok(Ok(())) => Ok(started.elapsed()),
+                _ => Err(EngineError::GuestUnreachable {
+                    vm,
+                    reason: format!("no PONG within {:.1} s", msg.timeout.as_secs_f64()),
+                }),
+            }
+        })
+    }
+}
+
+/// `cpFileToVM` / `cpFileFromVM`: starts a transfer, answers its id.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<String, EngineError>")]
+pub struct StartTransfer {
+    pub vm: String,
+    pub to_guest: bool,
+    pub local: PathBuf,
+    pub remote: String,
+}
+
+impl Handler<StartTransfer> for Registry {
+    type Result = ResponseActFuture<Self, Result<String, EngineError>>;
+
+    fn handle(&mut self, msg: StartTransfer, _ctx: &mut Context<Self>) -> Self::Result {
+        let checked = (|| {
+            self.vm_addr(&msg.vm)?;
+            if !msg.local.is_absolute() {
+                return Err(EngineError::BadArgument(format!(
+                    "{} is not an absolute path",
+                    msg.local.display()
+                )));
+            }
+            if !msg.remote.starts_with('/') {
+                return Err(EngineError::BadArgument(format!(
+                    "{} is not an absolute path on the guest",
+                    msg.remote
+                )));
+            }
+            let guest_id = self.guest_id_of(&msg.vm)?;
+            Ok((
+                guest_id.clone(),
+                self.guest_queue(&guest_id)?,
+                self.broker()?,
+            ))
+        })();
+        let (guest_id, queue, broker) = match checked {
+            Ok(c) => c,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
+        };
+        let local = msg.local.clone();
+        let to_guest = msg.to_guest;
+        let digest = async move {
+            if !to_guest {
+                let parent_ok = local.parent().is_some_and(|p| p.is_dir());
+                return if parent_ok {
+                    Ok(None)
+                } else {
+                    Err(EngineError::BadArgument(format!(
+                        "the directory of {} does not exist",
+                        local.display()
+                    )))
+                };
+            }
+            let path = local.clone();
+            let digest = tokio::task::spawn_blocking(move || transfer::sha256_file(&path))
+                .await
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+                .map_err(|e| {
+                    EngineError::BadArgument(format!("cannot read {}: {e}", local.display()))
+                })?;
+            Ok(Some(digest))
+        };
+        Box::pin(digest.into_actor(self).map(move |digest, act, _| {
+            let digest = digest?;
+            let id = new_id("xfer");
+            let record = TransferRecord::new(
+                id.clone(),
+                msg.vm.clone(),
+                guest_id,
+                if to_guest {
+                    TransferDirection::ToGuest
+                } else {
+                    TransferDirection::FromGuest
+                },
+                &msg.local,
+                msg.remote.clone(),
+                Utc::now(),
+            );
+            act.store.insert_transfer(&record)?;
+            let plan = TransferPlan {
+                id: id.clone(),
+                to_guest,
+                local: msg.local,
+                remote: msg.remote,
+                guest_queue: queue,
+                chunk_size: act.config.chunk_size,
+                window: act.config.window,
+                stall: act.config.transfer_stall,
+                local_digest: digest,
+            };
+            let actor = TransferActor::new(plan, act.store.clone(), broker).start();
+            act.transfers.insert(id.clone(), actor);
+            Ok(id)
+        }))
+    }
+}
+
+/// Waits for a transfer's end.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<TransferRecord, EngineError>")]
+pub struct WaitTransfer {
+    pub transfer_id: String,
+}
+
+impl Handler<WaitTransfer> for Registry {
+    type Result = ResponseFuture<Result<TransferRecord, EngineError>>;
+
+    fn handle(&mut self, msg: WaitTransfer, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(actor) = self.transfers.get(&msg.transfer_id).cloned() {
+            return Box::pin(async move { actor.send(transfer::WaitEnded).await? });
+        }
+        let record = self.store.transfer(&msg.transfer_id);
+        Box::pin(async move {
+            let record = record?.ok_or(EngineError::UnknownTransfer(msg.transfer_id))?;
+            match record.state {
+                TransferState::Done => Ok(record),
+                _ => Err(EngineError::Transfer {
+                    code: vmc_protocol::words::FileErrorCode::Io,
+                    message: record
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "the transfer did not finish".into()),
+                }),
+            }
+        })
+    }
+}
+
+/// Closes the broker session.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for Registry {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
+        let broker = self.broker.clone();
+        Box::pin(async move {
+            if let Some(broker) = broker {
+                let _ = broker.send(CloseSession).await;
+            }
+        })
+    }
+}

@@ -1,0 +1,542 @@
+//! The transfer actor: one file moving between this host and a guest, either way.
+//!
+//! Upload (`cpFileToVM`): hash the local file, `FILE_PUT`, wait for `FILE_READY`
+//! (the offset the guest already holds from an earlier attempt), send `FILE_CHUNK`s
+//! keeping at most `window` unacknowledged, and after the last `FILE_ACK` send
+//! `FILE_END`; the guest checks the SHA-256, renames its temporary file into place
+//! and answers `FILE_DONE`. Download (`cpFileFromVM`): `FILE_GET` from the offset of
+//! our own partial file, `FILE_READY` tells size and SHA-256, chunks are written at
+//! their offsets into `<local>.vmc-part-<id>` and acknowledged, and on `FILE_END`
+//! the whole file is hashed, renamed into place and `FILE_DONE` is sent. Every
+//! `stall` without progress (a chunk lost with a broker restart), the request is
+//! repeated with the same transfer id and the transfer resumes from where the
+//! receiving side stands. A failure removes our partial file and ends with the
+//! guest's error code. Progress (bytes, rate) is stored as it goes.
+
+use super::broker::{BrokerActor, Publish};
+use super::EngineError;
+use crate::store::{Store, TransferRecord, TransferState};
+use actix::prelude::*;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use vmc_protocol::words::{FileErrorCode, FileOffer, FileRequest, Message as Word};
+
+/// SHA-256 of a file, lowercase hex (blocking).
+pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((
+        size,
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    ))
+}
+
+/// Which way the bytes go, with what each side needs.
+#[derive(Debug)]
+enum Direction {
+    ToGuest {
+        file: Option<File>,
+        size: u64,
+        sha256: String,
+        sent: u64,
+    },
+    FromGuest {
+        part: PathBuf,
+        file: Option<File>,
+        size: Option<u64>,
+        sha256: Option<String>,
+    },
+}
+
+/// The actor of one transfer.
+pub struct TransferActor {
+    id: String,
+    store: Arc<Store>,
+    broker: Addr<BrokerActor>,
+    guest_queue: String,
+    local: PathBuf,
+    remote: String,
+    chunk_size: u32,
+    window: u32,
+    stall: Duration,
+    direction: Direction,
+    /// Bytes the receiving side holds (acknowledged for uploads, written for downloads).
+    done: u64,
+    last_progress: Instant,
+    stored_at: u64,
+    ended: Option<Result<TransferRecord, (FileErrorCode, String)>>,
+    waiters: Vec<oneshot::Sender<Result<TransferRecord, EngineError>>>,
+}
+
+impl std::fmt::Debug for TransferActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransferActor")
+            .field("id", &self.id)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+/// Settings of a new transfer.
+#[derive(Debug)]
+pub struct TransferPlan {
+    pub id: String,
+    pub to_guest: bool,
+    pub local: PathBuf,
+    pub remote: String,
+    pub guest_queue: String,
+    pub chunk_size: u32,
+    pub window: u32,
+    pub stall: Duration,
+    /// For uploads: the local file's size and SHA-256, computed beforehand.
+    pub local_digest: Option<(u64, String)>,
+}
+
+impl TransferActor {
+    pub fn new(plan: TransferPlan, store: Arc<Store>, broker: Addr<BrokerActor>) -> TransferActor {
+        let direction = match plan.local_digest {
+            Some((size, sha256)) if plan.to_guest => Direction::ToGuest {
+                file: None,
+                size,
+                sha256,
+                sent: 0,
+            },
+            _ => {
+                let mut part = plan.local.clone().into_os_string();
+                part.push(format!(".vmc-part-{}", plan.id));
+                Direction::FromGuest {
+                    part: part.into(),
+                    file: None,
+                    size: None,
+                    sha256: None,
+                }
+            }
+        };
+        TransferActor {
+            id: plan.id,
+            store,
+            broker,
+            guest_queue: plan.guest_queue,
+            local: plan.local,
+            remote: plan.remote,
+            chunk_size: plan.chunk_size,
+            window: plan.window,
+            stall: plan.stall,
+            direction,
+            done: 0,
+            last_progress: Instant::now(),
+            stored_at: 0,
+            ended: None,
+            waiters: Vec::new(),
+        }
+    }
+
+    fn send(&self, word: Word) {
+        self.broker.do_send(Publish {
+            destination: self.guest_queue.clone(),
+            word,
+            to: None,
+            confirm: false,
+        });
+    }
+
+    /// Sends (or repeats) the opening request.
+    fn request(&mut self) {
+        let word = match &mut self.direction {
+            Direction::ToGuest { size, sha256, .. } => Word::FilePut {
+                transfer_id: self.id.clone(),
+                offer: FileOffer {
+                    path: self.remote.clone(),
+                    size: *size,
+                    sha256: sha256.clone(),
+                    mode: None,
+                    chunk_size: self.chunk_size,
+                    window: self.window,
+                },
+            },
+            Direction::FromGuest { part, .. } => {
+                let held = std::fs::metadata(&*part).map(|m| m.len()).unwrap_or(0);
+                self.done = held;
+                Word::FileGet {
+                    transfer_id: self.id.clone(),
+                    request: FileRequest {
+                        path: self.remote.clone(),
+                        offset: held,
+                        chunk_size: self.chunk_size,
+                        window: self.window,
+                    },
+                }
+            }
+        };
+        self.send(word);
+    }
+
+    fn progress(&mut self, done: u64) {
+        if done > self.done {
+            self.done = done;
+            self.last_progress = Instant::now();
+        }
+        // Store progress every 4 MiB or so, not on every chunk.
+        if self.done >= self.stored_at + 4 * 1024 * 1024 {
+            self.stored_at = self.done;
+            if let Err(e) = self.store.update_transfer_progress(&self.id, self.done) {
+                log::debug!("cannot store progress of transfer {}: {e}", self.id);
+            }
+        }
+    }
+
+    /// Sends chunks while the window has room (uploads).
+    fn pump(&mut self) -> Result<(), String> {
+        let window = u64::from(self.window) * u64::from(self.chunk_size);
+        let Direction::ToGuest {
+            file, size, sent, ..
+        } = &mut self.direction
+        else {
+            return Ok(());
+        };
+        if file.is_none() {
+            *file = Some(
+                File::open(&self.local)
+                    .map_err(|e| format!("cannot read {}: {e}", self.local.display()))?,
+            );
+        }
+        let Some(file) = file.as_mut() else {
+            return Ok(());
+        };
+        let mut chunks = Vec::new();
+        while *sent < *size && *sent - self.done.min(*sent) < window {
+            let n = u64::from(self.chunk_size).min(*size - *sent) as usize;
+            let mut data = vec![0u8; n];
+            file.seek(SeekFrom::Start(*sent))
+                .and_then(|_| file.read_exact(&mut data))
+                .map_err(|e| format!("cannot read {}: {e}", self.local.display()))?;
+            chunks.push(Word::FileChunk {
+                transfer_id: self.id.clone(),
+                offset: *sent,
+                data: Bytes::from(data),
+            });
+            *sent += n as u64;
+        }
+        let all_acked = self.done >= *size;
+        let (size, sha) = match &self.direction {
+            Direction::ToGuest { size, sha256, .. } => (*size, sha256.clone()),
+            Direction::FromGuest { .. } => return Ok(()),
+        };
+        for chunk in chunks {
+            self.send(chunk);
+        }
+        if all_acked {
+            self.send(Word::FileEnd {
+                transfer_id: self.id.clone(),
+                size,
+                sha256: sha,
+            });
+        }
+        Ok(())
+    }
+
+    fn end(
+        &mut self,
+        outcome: Result<(u64, String), (FileErrorCode, String)>,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.ended.is_some() {
+            return;
+        }
+        let (state, size, sha, error) = match &outcome {
+            Ok((size, sha)) => (TransferState::Done, Some(*size), Some(sha.clone()), None),
+            Err((code, message)) => {
+                let state = if *code == FileErrorCode::Cancelled {
+                    TransferState::Cancelled
+                } else {
+                    TransferState::Failed
+                };
+                (state, None, None, Some(format!("{code}: {message}")))
+            }
+        };
+        if let Direction::FromGuest { part, file, .. } = &mut self.direction {
+            *file = None;
+            if outcome.is_err() {
+                let _ = std::fs::remove_file(&*part);
+            }
+        }
+        if let Err(e) =
+            self.store
+                .finish_transfer(&self.id, state, size, sha.as_deref(), error.as_deref())
+        {
+            log::error!("cannot store the end of transfer {}: {e}", self.id);
+        }
+        let ended = match outcome {
+            Ok(_) => self.store.transfer(&self.id).ok().flatten().ok_or((
+                FileErrorCode::Io,
+                "the transfer's record vanished".to_owned(),
+            )),
+            Err(e) => Err(e),
+        };
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(as_result(&ended));
+        }
+        self.ended = Some(ended);
+        ctx.run_later(Duration::from_secs(30), |_, ctx| ctx.stop());
+    }
+
+    fn on_chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        let Direction::FromGuest { part, file, .. } = &mut self.direction else {
+            return Ok(());
+        };
+        if offset != self.done {
+            // A duplicate or a gap: tell the guest where we stand.
+            self.send(Word::FileAck {
+                transfer_id: self.id.clone(),
+                offset: self.done,
+            });
+            return Ok(());
+        }
+        if file.is_none() {
+            let opened = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&*part)
+                .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+            *file = Some(opened);
+        }
+        if let Some(f) = file.as_mut() {
+            f.seek(SeekFrom::Start(offset))
+                .and_then(|_| f.write_all(data))
+                .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
+        }
+        let done = offset + data.len() as u64;
+        self.progress(done);
+        self.send(Word::FileAck {
+            transfer_id: self.id.clone(),
+            offset: done,
+        });
+        Ok(())
+    }
+
+    /// Verifies and moves a finished download into place.
+    fn complete_download(
+        &mut self,
+        size: u64,
+        sha256: &str,
+    ) -> Result<(u64, String), (FileErrorCode, String)> {
+        let Direction::FromGuest { part, file, .. } = &mut self.direction else {
+            return Err((FileErrorCode::Protocol, "FILE_END for an upload".into()));
+        };
+        if let Some(f) = file.take() {
+            f.sync_all().map_err(|e| {
+                (
+                    FileErrorCode::Io,
+                    format!("cannot sync {}: {e}", part.display()),
+                )
+            })?;
+        }
+        let (got_size, got_sha) = sha256_file(part).map_err(|e| {
+            (
+                FileErrorCode::Io,
+                format!("cannot read {}: {e}", part.display()),
+            )
+        })?;
+        if got_size != size || got_sha != sha256 {
+            return Err((
+                FileErrorCode::ChecksumMismatch,
+                format!("received {got_size} bytes with SHA-256 {got_sha}, the guest sent {size} bytes with {sha256}"),
+            ));
+        }
+        std::fs::rename(&*part, &self.local).map_err(|e| {
+            (
+                FileErrorCode::Io,
+                format!("cannot move the file to {}: {e}", self.local.display()),
+            )
+        })?;
+        Ok((size, got_sha))
+    }
+}
+
+fn as_result(
+    ended: &Result<TransferRecord, (FileErrorCode, String)>,
+) -> Result<TransferRecord, EngineError> {
+    match ended {
+        Ok(record) => Ok(record.clone()),
+        Err((code, message)) => Err(EngineError::Transfer {
+            code: *code,
+            message: message.clone(),
+        }),
+    }
+}
+
+impl Actor for TransferActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.request();
+        let every = (self.stall / 2).max(Duration::from_millis(200));
+        ctx.run_interval(every, |act, _ctx| {
+            if act.ended.is_none() && act.last_progress.elapsed() >= act.stall {
+                log::info!(
+                    "transfer {} made no progress for {:?}: asking again",
+                    act.id,
+                    act.stall
+                );
+                act.last_progress = Instant::now();
+                if let Direction::ToGuest { sent, .. } = &mut act.direction {
+                    *sent = act.done; // resend whatever was not acknowledged
+                }
+                act.request();
+            }
+        });
+    }
+}
+
+/// A file word from the guest about this transfer.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct FromGuest {
+    pub word: Word,
+}
+
+impl Handler<FromGuest> for TransferActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromGuest, ctx: &mut Context<Self>) {
+        if self.ended.is_some() {
+            return;
+        }
+        let upload = matches!(self.direction, Direction::ToGuest { .. });
+        match msg.word {
+            Word::FileReady {
+                offset,
+                size,
+                sha256,
+                ..
+            } => {
+                self.last_progress = Instant::now();
+                match &mut self.direction {
+                    Direction::ToGuest { sent, .. } => {
+                        self.done = offset;
+                        *sent = offset;
+                        if let Err(message) = self.pump() {
+                            self.send(Word::FileAbort {
+                                transfer_id: self.id.clone(),
+                                reason: Some(message.clone()),
+                            });
+                            self.end(Err((FileErrorCode::Io, message)), ctx);
+                        }
+                    }
+                    Direction::FromGuest {
+                        size: s,
+                        sha256: h,
+                        part,
+                        file,
+                    } => {
+                        *s = size;
+                        *h = sha256;
+                        if offset < self.done {
+                            *file = None;
+                            let _ = std::fs::OpenOptions::new()
+                                .write(true)
+                                .open(&*part)
+                                .and_then(|f| f.set_len(offset));
+                            self.done = offset;
+                        }
+                    }
+                }
+            }
+            Word::FileAck { offset, .. } if upload => {
+                self.progress(offset);
+                if let Err(message) = self.pump() {
+                    self.send(Word::FileAbort {
+                        transfer_id: self.id.clone(),
+                        reason: Some(message.clone()),
+                    });
+                    self.end(Err((FileErrorCode::Io, message)), ctx);
+                }
+            }
+            Word::FileChunk { offset, data, .. } if !upload => {
+                if let Err(message) = self.on_chunk(offset, &data) {
+                    self.send(Word::FileAbort {
+                        transfer_id: self.id.clone(),
+                        reason: Some(message.clone()),
+                    });
+                    self.end(Err((FileErrorCode::Io, message)), ctx);
+                }
+            }
+            Word::FileEnd { size, sha256, .. } if !upload => {
+                let outcome = self.complete_download(size, &sha256);
+                match &outcome {
+                    Ok((size, sha)) => self.send(Word::FileDone {
+                        transfer_id: self.id.clone(),
+                        size: *size,
+                        sha256: sha.clone(),
+                    }),
+                    Err((code, message)) => self.send(Word::FileError {
+                        transfer_id: self.id.clone(),
+                        code: *code,
+                        message: message.clone(),
+                    }),
+                }
+                self.end(outcome, ctx);
+            }
+            Word::FileDone { size, sha256, .. } if upload => {
+                self.progress(size);
+                self.end(Ok((size, sha256)), ctx);
+            }
+            Word::FileError { code, message, .. } => self.end(Err((code, message)), ctx),
+            Word::FileAbort { reason, .. } => self.end(
+                Err((
+                    FileErrorCode::Cancelled,
+                    reason.unwrap_or_else(|| "the guest aborted".into()),
+                )),
+                ctx,
+            ),
+            other => log::debug!("transfer {}: unexpected {}", self.id, other.word()),
+        }
+    }
+}
+
+/// Waits for the transfer's end.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<TransferRecord, EngineError>")]
+pub struct WaitEnded;
+
+impl Handler<WaitEnded> for TransferActor {
+    type Result = ResponseFuture<Result<TransferRecord, EngineError>>;
+
+    fn handle(&mut self, _msg: WaitEnded, _ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(ended) = &self.ended {
+            let result = as_result(ended);
+            return Box::pin(async move { result });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters.push(tx);
+        let id = self.id.clone();
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(EngineError::Internal(format!(
+                    "transfer {id} stopped unexpectedly"
+                )))
+            })
+        })
+    }
+}

@@ -1,0 +1,281 @@
+//! The hypervisor boundary: one trait covering every lifecycle operation of the
+//! original VMController API, and the plain types it speaks.
+//!
+//! The trait is synchronous and object-safe (`Arc<dyn Hypervisor>`): backends drive
+//! processes and sockets with blocking calls, and the VM actors call them on
+//! tokio's blocking pool, so a slow hypervisor never stalls an actor's mailbox.
+//! A backend that cannot do something answers [`HypervisorError::NotSupported`]
+//! with a sentence naming the backend and the operation. Backends: QEMU (real, arriving next,
+//! QMP), [`unmanaged`] (guests that say HELLO without a VM: every lifecycle call is
+//! "not supported"); libvirt and VirtualBox fit behind the same trait.
+//! What a backend does not own: presence (the guest agent's business) and the store
+//! (the registry persists what [`Hypervisor::create`] returns).
+
+pub mod unmanaged;
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// A VM's state, with the original VMController's names (`getState` returns these).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VmState {
+    Unknown,
+    PoweredOff,
+    Saved,
+    /// The VM process died unexpectedly (crash, kill): never shown as Running.
+    Aborted,
+    Running,
+    Paused,
+    Stuck,
+    Starting,
+    Stopping,
+    Saving,
+    Restoring,
+    Discarding,
+}
+
+impl VmState {
+    /// Every state, in the original's order.
+    pub const ALL: [VmState; 12] = [
+        VmState::Unknown,
+        VmState::PoweredOff,
+        VmState::Saved,
+        VmState::Aborted,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Stuck,
+        VmState::Starting,
+        VmState::Stopping,
+        VmState::Saving,
+        VmState::Restoring,
+        VmState::Discarding,
+    ];
+
+    /// The name as the original API spelled it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Unknown => "Unknown",
+            VmState::PoweredOff => "PoweredOff",
+            VmState::Saved => "Saved",
+            VmState::Aborted => "Aborted",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Stuck => "Stuck",
+            VmState::Starting => "Starting",
+            VmState::Stopping => "Stopping",
+            VmState::Saving => "Saving",
+            VmState::Restoring => "Restoring",
+            VmState::Discarding => "Discarding",
+        }
+    }
+
+    /// Parses a name written by [`as_str`](Self::as_str).
+    pub fn parse(name: &str) -> Option<VmState> {
+        VmState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// Whether a guest agent can be running in this state.
+    pub fn is_on(self) -> bool {
+        matches!(
+            self,
+            VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping
+        )
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a caller asks for when creating a VM (`createVM(name, hddImagePath)` plus
+/// the settings the original left to VirtualBox).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmSpec {
+    pub name: String,
+    /// The disk image the VM boots from or mounts. The backend never writes to it:
+    /// it makes its own copy-on-write overlay.
+    pub image: Option<PathBuf>,
+    /// Direct kernel boot (QEMU `-kernel`), e.g. for a guest with no bootloader.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub kernel_args: Option<String>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// The NIC's MAC address, upper-case; the backend picks a stable one when absent.
+    pub mac: Option<String>,
+}
+
+impl VmSpec {
+    /// A spec with the defaults: 256 MiB, 1 CPU, no kernel.
+    pub fn new(name: impl Into<String>) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            image: None,
+            kernel: None,
+            initrd: None,
+            kernel_args: None,
+            memory_mib: 256,
+            cpus: 1,
+            mac: None,
+        }
+    }
+}
+
+/// A VM as a backend created it; the registry stores it and hands it back on
+/// every call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmDefinition {
+    pub spec: VmSpec,
+    /// The backend that owns the VM (`qemu`, `unmanaged`, ...).
+    pub backend: String,
+    /// The NIC's MAC address, upper-case: the guest agent's id.
+    pub mac: String,
+    /// The directory holding the VM's own files (overlay disk, sockets, saved state).
+    pub dir: PathBuf,
+}
+
+/// One snapshot of a VM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub description: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Size of the saved VM state, if the snapshot holds one (0 for disk-only).
+    pub vm_state_bytes: u64,
+}
+
+/// Performance figures of a running VM (`getPerformanceData`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PerformanceData {
+    /// CPU time used by the VM process, user + system, seconds.
+    pub cpu_secs: f64,
+    /// Resident memory of the VM process, bytes.
+    pub rss_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub disk_read_ops: u64,
+    pub disk_write_ops: u64,
+    /// Seconds since the VM process started.
+    pub uptime_secs: f64,
+    /// Backend-specific extra figures (name, value).
+    pub extra: Vec<(String, f64)>,
+}
+
+/// Why a hypervisor operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("the {backend} backend does not support {operation}")]
+    NotSupported {
+        backend: &'static str,
+        operation: &'static str,
+    },
+    #[error("VM {vm:?} cannot {operation} while it is {state}")]
+    InvalidState {
+        vm: String,
+        operation: &'static str,
+        state: VmState,
+    },
+    #[error("VM {vm:?} has no snapshot named {snapshot:?}")]
+    NoSuchSnapshot { vm: String, snapshot: String },
+    #[error("VM {vm:?} already has a snapshot named {snapshot:?}")]
+    SnapshotExists { vm: String, snapshot: String },
+    #[error("invalid VM settings: {0}")]
+    InvalidSpec(String),
+    #[error("{operation} of VM {vm:?} failed: {message}")]
+    Failed {
+        vm: String,
+        operation: &'static str,
+        message: String,
+    },
+    #[error("{operation} of VM {vm:?} did not finish within {secs} s")]
+    Timeout {
+        vm: String,
+        operation: &'static str,
+        secs: u64,
+    },
+    #[error("I/O error during {operation} of VM {vm:?}")]
+    Io {
+        vm: String,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Every lifecycle operation of the original API, for one backend.
+///
+/// Calls block (run them on a blocking thread) and must be safe to make from
+/// several threads for different VMs; calls for one VM come from its actor, one at
+/// a time. Every method gets the definition the backend returned from `create`.
+pub trait Hypervisor: Send + Sync + fmt::Debug {
+    /// The backend's name, as stored in [`VmDefinition::backend`].
+    fn name(&self) -> &'static str;
+    /// Creates the VM's files (an overlay of `spec.image`, its MAC); does not start it.
+    fn create(&self, spec: &VmSpec) -> Result<VmDefinition, HypervisorError>;
+    /// Powers the VM off if needed and removes every file the backend made for it.
+    fn remove(&self, vm: &VmDefinition) -> Result<(), HypervisorError>;
+    /// Starts the VM, from its saved state when it has one.
+    fn start(&self, vm: &VmDefinition) -> Result<(), HypervisorError>;
+    /// Presses the ACPI power button; returns at once (the guest decides).
+    fn shutdown(&self, vm: &VmDefinition) -> Result<(), HypervisorError>;
+    /// Puts the VM to sleep (ACPI S3) where the backend can.
+    fn sleep(&self, vm: &VmDefinition) -> Result<(), HypervisorError>;
+    fn reset(&self, vm: &VmDefinition) -> Result<(), HypervisorError>;
+    /// Cuts the power at once.
+    fn power_off(&self, vm: &VmDefinition) -> Result<(), HypervisorError>;
+    fn pause(&self, vm: &VmDefinition) -> Result<(), HypervisorError>;
+    fn resume(&self, vm: &VmDefinition) -> Result<(), HypervisorError>;
+    /// The VM's state as the backend sees it now (a dead process is `Aborted`).
+    fn state(&self, vm: &VmDefinition) -> Result<VmState, HypervisorError>;
+    /// Saves the running VM's memory and device state to a file and stops it.
+    fn save_state(&self, vm: &VmDefinition) -> Result<(), HypervisorError>;
+    /// Forgets a saved state; the next start boots afresh.
+    fn discard_state(&self, vm: &VmDefinition) -> Result<(), HypervisorError>;
+    fn take_snapshot(
+        &self,
+        vm: &VmDefinition,
+        name: &str,
+        description: &str,
+    ) -> Result<SnapshotInfo, HypervisorError>;
+    fn restore_snapshot(&self, vm: &VmDefinition, name: &str) -> Result<(), HypervisorError>;
+    fn delete_snapshot(&self, vm: &VmDefinition, name: &str) -> Result<(), HypervisorError>;
+    fn list_snapshots(&self, vm: &VmDefinition) -> Result<Vec<SnapshotInfo>, HypervisorError>;
+    /// The NIC's MAC address, upper-case (the guest agent's id).
+    fn mac_address(&self, vm: &VmDefinition) -> Result<String, HypervisorError> {
+        Ok(vm.mac.clone())
+    }
+    fn performance(&self, vm: &VmDefinition) -> Result<PerformanceData, HypervisorError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_the_originals() {
+        let names: Vec<&str> = VmState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "Unknown",
+                "PoweredOff",
+                "Saved",
+                "Aborted",
+                "Running",
+                "Paused",
+                "Stuck",
+                "Starting",
+                "Stopping",
+                "Saving",
+                "Restoring",
+                "Discarding"
+            ]
+        );
+        for state in VmState::ALL {
+            assert_eq!(VmState::parse(state.as_str()), Some(state));
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The host agent's engine through its library API, with real `vmc-guest` processes
+//! as unmanaged guests and the real RabbitMQ: presence, commands, fan-out, cancel,
+//! lost-guest detection, and records surviving an abrupt end of the host agent.
+
+use std::sync::Arc;
+use std::time::Duration;
+use vmc_host::engine::presence::Presence;
+use vmc_host::engine::{Engine, EngineConfig, EngineError};
+use vmc_host::hypervisor::unmanaged::Unmanaged;
+use vmc_host::hypervisor::HypervisorError;
+use vmc_host::store::CommandState;
+use vmc_protocol::destinations::Destinations;
+use vmc_protocol::identity::HostId;
+use vmc_protocol::words::CommandSpec;
+use vmc_tests::agents::{GuestOptions, GuestProcess};
+use vmc_tests::{init_logging, shared_broker, unique_name, wait_until, BrokerKind};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+const BEACON: f64 = 0.3;
+
+fn config(prefix: &str, state_dir: &std::path::Path) -> EngineConfig {
+    let port = shared_broker(BrokerKind::RabbitMq);
+    let mut config = EngineConfig::new(
+        HostId::new(format!("h{}", std::process::id())).unwrap(),
+        BrokerKind::RabbitMq.session_config(port),
+        state_dir.to_path_buf(),
+        Arc::new(Unmanaged),
+    );
+    config.destinations = Destinations::new(prefix).unwrap();
+    config.beacon_interval = Duration::from_secs_f64(BEACON);
+    config
+}
+
+fn guest(prefix: &str, id: &str) -> GuestProcess {
+    let port = shared_broker(BrokerKind::RabbitMq);
+    let mut options = GuestOptions::new(port, prefix, Some(id));
+    options.beacon_interval = BEACON;
+    GuestProcess::start(options)
+}
+
+fn sh(script: &str) -> CommandSpec {
+    let mut spec = CommandSpec::new("/bin/sh");
+    spec.args = vec!["-c".into(), script.into()];
+    spec
+}
+
+async fn presence_of(engine: &Engine, vm: &str) -> Option<Presence> {
+    engine.vm(vm).await.ok().map(|v| v.presence)
+}
+
+async fn wait_presence(engine: &Engine, vm: &str, wanted: Presence) {
+    wait_until(
+        PATIENCE,
+        &format!("{vm} to be {}", wanted.as_str()),
+        || async { presence_of(engine, vm).await == Some(wanted) },
+    )
+    .await;
+}
+
+fn prefix() -> String {
+    unique_name("vmchost").replace('.', "-")
+}
+
+#[actix_rt::test]
+async fn unmanaged_guest_runs_commands_and_refuses_lifecycle_calls() {
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
+    let _guest = guest(&prefix, "box-1");
+    wait_presence(&engine, "box-1", Presence::Alive).await;
+    let view = engine.vm("box-1").await.unwrap();
+    assert_eq!(view.backend, "unmanaged");
+    assert_eq!(view.guest.as_ref().map(|g| g.id.as_str()), Some("box-1"));
+
+    let cmd_id = engine
+        .run_command("box-1", sh("echo hello; echo oops >&2; exit 4"))
+        .await
+        .unwrap();
+    let record = engine.wait_command(&cmd_id, PATIENCE).await.unwrap();
+    assert_eq!(record.state, CommandState::Finished);
+    let result = record
+        .result
+        .clone()
+        .expect("a finished command has its result");
+    assert_eq!(
+        (
+            result.out.as_str(),
+            result.err.as_str(),
+            result.exit_code_or_signal
+        ),
+        ("hello\n", "oops\n", 4)
+    );
+    // Results are not read-once: asking again gives the same answer.
+    assert_eq!(engine.command(&cmd_id).unwrap().result, Some(result));
+    assert_eq!(
+        engine
+            .store()
+            .read_output(&cmd_id, vmc_protocol::words::OutputStream::Out, 0, 1 << 20)
+            .unwrap(),
+        b"hello\n"
+    );
+
+    let rtt = engine.ping("box-1", Duration::from_secs(5)).await.unwrap();
+    assert!(rtt < Duration::from_secs(5));
+
+    match engine
+        .lifecycle("box-1", vmc_host::engine::vm::LifecycleOp::Pause)
+        .await
+    {
+        Err(EngineError::Hypervisor(HypervisorError::NotSupported { .. })) => {}
+        other => panic!("pause of an unmanaged guest: {other:?}"),
+    }
+    assert!(matches!(
+        engine.vm("nope").await,
+        Err(EngineError::UnknownVm(_))
+    ));
+    assert!(matches!(
+        engine.run_command("nope", sh("true")).await,
+        Err(EngineError::UnknownVm(_))
+    ));
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn fan_out_to_twenty_guests_and_cancel() {
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
+    let guests: Vec<GuestProcess> = (0..20)
+        .map(|n| guest(&prefix, &format!("fan-{n:02}")))
+        .collect();
+    let _other = guest(&prefix, "other-1");
+    for n in 0..20 {
+        wait_presence(&engine, &format!("fan-{n:02}"), Presence::Alive).await;
+    }
+    wait_presence(&engine, "other-1", Presence::Alive).await;
+
+    let fanout = engine
+        .run_multicast("fan-*", sh("echo from $(hostname)"))
+        .await
+        .unwrap();
+    assert_eq!(
+        fanout.commands.len(),
+        20,
+        "one command per matching VM, none for other-1"
+    );
+    for record in &fanout.commands {
+        let done = engine.wait_command(&record.cmd_id, PATIENCE).await.unwrap();
+        assert_eq!(done.state, CommandState::Finished, "{done:?}");
+        assert_eq!(done.fanout_id.as_deref(), Some(fanout.fanout_id.as_str()));
+    }
+
+    let cmd_id = engine.run_command("fan-00", sh("sleep 60")).await.unwrap();
+    wait_until(PATIENCE, "the command to run", || async {
+        engine
+            .command(&cmd_id)
+            .map(|r| r.state == CommandState::Running)
+            .unwrap_or(false)
+    })
+    .await;
+    let details = engine.command_details(&cmd_id).await.unwrap();
+    assert!(
+        details.live.is_some_and(|s| s.pid.is_some()),
+        "live details of a running command"
+    );
+    engine.cancel_command(&cmd_id).await.unwrap();
+    let record = engine.wait_command(&cmd_id, PATIENCE).await.unwrap();
+    assert_eq!(record.state, CommandState::Cancelled);
+    drop(guests);
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_killed_guest_turns_suspect_then_lost_and_bye_means_gone() {
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
+    let mut killed = guest(&prefix, "doomed");
+    let mut polite = guest(&prefix, "polite");
+    wait_presence(&engine, "doomed", Presence::Alive).await;
+    wait_presence(&engine, "polite", Presence::Alive).await;
+    killed.kill();
+    wait_presence(&engine, "doomed", Presence::Suspect).await;
+    wait_presence(&engine, "doomed", Presence::Lost).await;
+    polite.terminate();
+    wait_presence(&engine, "polite", Presence::Gone).await;
+    engine.shutdown().await;
+}
+
+/// Runs an engine on its own actix system in a thread until told to die, then
+/// drops everything at once, as a crash of the host agent would.
+fn engine_in_thread(
+    config: EngineConfig,
+    work: impl FnOnce(Engine) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+        + Send
+        + 'static,
+) {
+    std::thread::spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            let engine = Engine::start(config).await.unwrap();
+            work(engine).await;
+            // Returning drops the system with every actor mid-flight: no shutdown.
+        });
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn records_survive_an_abrupt_end_of_the_host_agent() {
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let _guest = guest(&prefix, "durable-1");
+    let finished = Arc::new(std::sync::Mutex::new(String::new()));
+    let in_flight = Arc::new(std::sync::Mutex::new(String::new()));
+    let (f, i) = (finished.clone(), in_flight.clone());
+    engine_in_thread(config(&prefix, dir.path()), move |engine| {
+        Box::pin(async move {
+            wait_presence(&engine, "durable-1", Presence::Alive).await;
+            let done = engine
+                .run_command("durable-1", sh("echo before"))
+                .await
+                .unwrap();
+            engine.wait_command(&done, PATIENCE).await.unwrap();
+            *f.lock().unwrap() = done;
+            let running = engine
+                .run_command("durable-1", sh("sleep 2; echo during"))
+                .await
+                .unwrap();
+            wait_until(PATIENCE, "the command to be sent", || async {
+                engine
+                    .command(&running)
+                    .map(|r| r.state != CommandState::Queued)
+                    .unwrap_or(false)
+            })
+            .await;
+            *i.lock().unwrap() = running;
+        })
+    });
+    let (finished, in_flight) = (
+        finished.lock().unwrap().clone(),
+        in_flight.lock().unwrap().clone(),
+    );
+    engine_in_thread(config(&prefix, dir.path()), move |engine| {
+        Box::pin(async move {
+            let before = engine.command(&finished).unwrap();
+            assert_eq!(
+                before.result.unwrap().out,
+                "before\n",
+                "a finished result survives"
+            );
+            let during = engine.wait_command(&in_flight, PATIENCE).await.unwrap();
+            assert_eq!(during.state, CommandState::Finished);
+            assert_eq!(
+                during.result.unwrap().out,
+                "during\n",
+                "the in-flight command's result arrives"
+            );
+            let vm = engine.vm("durable-1").await.unwrap();
+            assert_eq!(vm.backend, "unmanaged", "the guest's VM record survives");
+            engine.shutdown().await;
+        })
+    });
+}
+
+#[actix_rt::test]
+async fn crashed_vm_actor_is_restarted_from_the_store() {
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
+    let _guest = guest(&prefix, "phoenix");
+    wait_presence(&engine, "phoenix", Presence::Alive).await;
+    engine.crash_vm_actor("phoenix").await.unwrap();
+    // The supervisor restarts the actor with its state reloaded; it keeps working.
+    wait_presence(&engine, "phoenix", Presence::Alive).await;
+    let cmd_id = engine
+        .run_command("phoenix", sh("echo still here"))
+        .await
+        .unwrap();
+    let record = engine.wait_command(&cmd_id, PATIENCE).await.unwrap();
+    assert_eq!(record.result.unwrap().out, "still here\n");
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn files_go_both_ways_through_the_engine() {
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
+    let guest = guest(&prefix, "files-1");
+    wait_presence(&engine, "files-1", Presence::Alive).await;
+    let local = dir.path().join("payload.bin");
+    vmc_tests::transfer::write_pattern_file(&local, 20 * 1024 * 1024 + 123, 9);
+    let remote = guest.files_dir.join("payload.bin");
+    let sent = engine
+        .copy_to_vm("files-1", local.clone(), remote.display().to_string())
+        .await
+        .unwrap();
+    let sha = vmc_tests::transfer::sha256_file(&local);
+    assert_eq!(sent.sha256.as_deref(), Some(sha.as_str()));
+    assert_eq!(vmc_tests::transfer::sha256_file(&remote), sha);
+    let back = dir.path().join("back.bin");
+    let got = engine
+        .copy_from_vm("files-1", remote.display().to_string(), back.clone())
+        .await
+        .unwrap();
+    assert_eq!(got.sha256.as_deref(), Some(sha.as_str()));
+    assert_eq!(vmc_tests::transfer::sha256_file(&back), sha);
+    let refused = engine
+        .copy_to_vm("files-1", local.clone(), "/etc/vmc-nope".into())
+        .await;
+    match refused {
+        Err(EngineError::Transfer { code, .. }) => {
+            assert_eq!(
+                code,
+                vmc_protocol::words::FileErrorCode::OutsideAllowedRoots
+            )
+        }
+        other => panic!("a path outside the roots: {other:?}"),
+    }
+    engine.shutdown().await;
+}
