@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 use vmc_host::engine::presence::Presence;
-use vmc_host::engine::{Engine, EngineConfig, EngineError};
+use vmc_host::engine::{Engine, EngineConfig, EngineError, EngineEvent};
 use vmc_host::hypervisor::unmanaged::Unmanaged;
 use vmc_host::hypervisor::HypervisorError;
 use vmc_host::store::CommandState;
@@ -73,6 +73,7 @@ async fn unmanaged_guest_runs_commands_and_refuses_lifecycle_calls() {
     assert_eq!(view.backend, "unmanaged");
     assert_eq!(view.guest.as_ref().map(|g| g.id.as_str()), Some("box-1"));
 
+    let mut events = engine.events();
     let cmd_id = engine
         .run_command("box-1", sh("echo hello; echo oops >&2; exit 4"))
         .await
@@ -90,6 +91,25 @@ async fn unmanaged_guest_runs_commands_and_refuses_lifecycle_calls() {
             result.exit_code_or_signal
         ),
         ("hello\n", "oops\n", 4)
+    );
+    // Callers can follow the command live instead of polling.
+    let (mut saw_output, mut saw_finished) = (false, false);
+    while let Ok(event) = events.try_recv() {
+        match event {
+            EngineEvent::Output {
+                cmd_id: c, data, ..
+            } if c == cmd_id => saw_output |= data.as_ref() == b"hello\n",
+            EngineEvent::Command {
+                cmd_id: c,
+                state: CommandState::Finished,
+                ..
+            } if c == cmd_id => saw_finished = true,
+            _ => {}
+        }
+    }
+    assert!(
+        saw_output && saw_finished,
+        "output and completion events were sent"
     );
     // Results are not read-once: asking again gives the same answer.
     assert_eq!(engine.command(&cmd_id).unwrap().result, Some(result));

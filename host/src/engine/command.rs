@@ -14,7 +14,7 @@
 //! for late duplicates, then stops; the registry answers from the store after that.
 
 use super::broker::{BrokerActor, Publish};
-use super::EngineError;
+use super::{EngineError, EngineEvent, EventSender};
 use crate::store::{CommandRecord, CommandState, Store};
 use actix::prelude::*;
 use chrono::Utc;
@@ -61,6 +61,8 @@ pub struct CommandActor {
     waiters: Vec<oneshot::Sender<CommandRecord>>,
     status_waiters: Vec<oneshot::Sender<Option<CommandStatus>>>,
     on_stop: Option<Recipient<CommandStopped>>,
+    events: EventSender,
+    vm: Option<String>,
 }
 
 impl std::fmt::Debug for CommandActor {
@@ -88,6 +90,7 @@ impl CommandActor {
         guest_queue: String,
         recovering: bool,
         on_stop: Recipient<CommandStopped>,
+        events: EventSender,
     ) -> CommandActor {
         CommandActor {
             cmd_id: record.cmd_id.clone(),
@@ -102,6 +105,8 @@ impl CommandActor {
             waiters: Vec::new(),
             status_waiters: Vec::new(),
             on_stop: Some(on_stop),
+            events,
+            vm: record.vm.clone(),
         }
     }
 
@@ -111,7 +116,16 @@ impl CommandActor {
             .ok_or_else(|| EngineError::UnknownCommand(self.cmd_id.clone()))
     }
 
+    fn announce(&self, state: CommandState) {
+        let _ = self.events.send(EngineEvent::Command {
+            cmd_id: self.cmd_id.clone(),
+            vm: self.vm.clone(),
+            state,
+        });
+    }
+
     fn set_state(&self, state: CommandState, error: Option<&str>) {
+        self.announce(state);
         if let Err(e) = self
             .store
             .set_command_state(&self.cmd_id, state, Utc::now(), error)
@@ -146,7 +160,10 @@ impl CommandActor {
     fn on_result(&mut self, result: CommandResult, ctx: &mut Context<Self>) {
         let state = final_state(&result);
         match self.store.record_result(&self.cmd_id, &result, state) {
-            Ok(true) => log::debug!("command {} {}", self.cmd_id, state.as_str()),
+            Ok(true) => {
+                log::debug!("command {} {}", self.cmd_id, state.as_str());
+                self.announce(state);
+            }
             Ok(false) => log::debug!("duplicate result of command {} ignored", self.cmd_id),
             Err(e) => {
                 // Not stored: do not acknowledge, so the guest keeps it and resends.
@@ -230,8 +247,11 @@ impl Handler<FromGuest> for CommandActor {
                         .store
                         .set_command_state(&self.cmd_id, CommandState::Running, Utc::now(), None)
                         .and_then(|_| self.store.set_command_pid(&self.cmd_id, pid));
-                    if let Err(e) = stored {
-                        log::error!("cannot store the start of command {}: {e}", self.cmd_id);
+                    match stored {
+                        Ok(()) => self.announce(CommandState::Running),
+                        Err(e) => {
+                            log::error!("cannot store the start of command {}: {e}", self.cmd_id)
+                        }
                     }
                 }
             }
@@ -241,11 +261,20 @@ impl Handler<FromGuest> for CommandActor {
                 data,
                 ..
             } => {
-                if let Err(e) = self
+                match self
                     .store
                     .append_output(&self.cmd_id, stream, offset, &data)
                 {
-                    log::error!("cannot store output of command {}: {e}", self.cmd_id);
+                    Ok(true) => {
+                        let _ = self.events.send(EngineEvent::Output {
+                            cmd_id: self.cmd_id.clone(),
+                            stream,
+                            offset,
+                            data,
+                        });
+                    }
+                    Ok(false) => {} // a duplicate chunk
+                    Err(e) => log::error!("cannot store output of command {}: {e}", self.cmd_id),
                 }
             }
             Word::CmdStatus { status, .. } => {

@@ -131,11 +131,47 @@ pub struct FanoutView {
     pub commands: Vec<CommandRecord>,
 }
 
+/// Something that happened, for callers who follow the engine live (the API's event
+/// stream): nobody has to poll. Slow followers miss events (they are told how many)
+/// rather than slow the engine down.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EngineEvent {
+    /// A VM's hypervisor state or its guest's presence changed.
+    Vm {
+        vm: String,
+        state: VmState,
+        presence: Presence,
+    },
+    /// A command changed state (sent, running, or a final state).
+    Command {
+        cmd_id: String,
+        vm: Option<String>,
+        state: crate::store::CommandState,
+    },
+    /// A chunk of a command's output.
+    Output {
+        cmd_id: String,
+        stream: vmc_protocol::words::OutputStream,
+        offset: u64,
+        data: bytes::Bytes,
+    },
+    /// A transfer progressed or ended.
+    Transfer {
+        transfer_id: String,
+        bytes_done: u64,
+        state: crate::store::TransferState,
+    },
+}
+
+/// The sending side of the event stream, handed to every actor.
+pub type EventSender = tokio::sync::broadcast::Sender<EngineEvent>;
+
 /// The engine handle: cheap to clone, usable from any task of the actix system.
 #[derive(Clone, Debug)]
 pub struct Engine {
     registry: Addr<registry::Registry>,
     store: Arc<Store>,
+    events: EventSender,
 }
 
 impl Engine {
@@ -146,9 +182,19 @@ impl Engine {
             EngineError::Internal(format!("cannot create {}: {e}", config.state_dir.display()))
         })?;
         let store = Arc::new(Store::open(&config.state_dir.join("vmc-host.sqlite"))?);
-        let registry = registry::Registry::new(config, store.clone()).start();
+        let (events, _) = tokio::sync::broadcast::channel(4096);
+        let registry = registry::Registry::new(config, store.clone(), events.clone()).start();
         registry.send(registry::Boot).await??;
-        Ok(Engine { registry, store })
+        Ok(Engine {
+            registry,
+            store,
+            events,
+        })
+    }
+
+    /// Follows everything that happens from now on.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<EngineEvent> {
+        self.events.subscribe()
     }
 
     /// The store, for read-only queries.
@@ -305,6 +351,26 @@ impl Engine {
         };
         let transfer_id = self.registry.send(start).await??;
         self.wait_transfer(&transfer_id).await
+    }
+
+    /// Starts a copy without waiting for it (`startCpFileToVM`, `startCpFileFromVM`):
+    /// answers the transfer id once the copy is accepted; follow it with
+    /// [`transfer`](Self::transfer) or [`wait_transfer`](Self::wait_transfer).
+    pub async fn start_transfer(
+        &self,
+        vm: &str,
+        direction: crate::store::TransferDirection,
+        local: PathBuf,
+        remote: String,
+    ) -> Result<String, EngineError> {
+        self.registry
+            .send(registry::StartTransfer {
+                vm: vm.to_owned(),
+                to_guest: direction == crate::store::TransferDirection::ToGuest,
+                local,
+                remote,
+            })
+            .await?
     }
 
     /// Waits for a transfer's end; a failed transfer is an error with its code.

@@ -16,7 +16,7 @@ use super::broker::{BrokerActor, CloseSession, Publish};
 use super::command::{self, CommandActor, CommandDetails, CommandStopped};
 use super::transfer::{self, TransferActor, TransferPlan};
 use super::vm::{self, LifecycleOp, VmActor};
-use super::{new_id, EngineConfig, EngineError, FanoutView, VmView};
+use super::{new_id, EngineConfig, EngineError, EventSender, FanoutView, VmView};
 use crate::hypervisor::unmanaged::{self, Unmanaged};
 use crate::hypervisor::{Hypervisor, SnapshotInfo, VmSpec, VmState};
 use crate::store::{
@@ -45,6 +45,7 @@ pub struct Registry {
     commands: HashMap<String, Addr<CommandActor>>,
     transfers: HashMap<String, Addr<TransferActor>>,
     pings: HashMap<String, oneshot::Sender<()>>,
+    events: EventSender,
 }
 
 impl std::fmt::Debug for Registry {
@@ -57,7 +58,7 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    pub fn new(config: EngineConfig, store: Arc<Store>) -> Registry {
+    pub fn new(config: EngineConfig, store: Arc<Store>, events: EventSender) -> Registry {
         Registry {
             config,
             store,
@@ -68,6 +69,7 @@ impl Registry {
             commands: HashMap::new(),
             transfers: HashMap::new(),
             pings: HashMap::new(),
+            events,
         }
     }
 
@@ -92,7 +94,9 @@ impl Registry {
             self.config.beacon_interval,
             record.clone(),
         );
-        let addr = Supervisor::start(move |_| VmActor::new(&rec, hypervisor, store, beacon));
+        let events = self.events.clone();
+        let addr =
+            Supervisor::start(move |_| VmActor::new(&rec, hypervisor, store, beacon, events));
         if let Some(id) = &record.id {
             self.ids.insert(id.clone(), record.name.clone());
         }
@@ -145,6 +149,7 @@ impl Registry {
             self.guest_queue(&guest_id)?,
             false,
             ctx.address().recipient(),
+            self.events.clone(),
         );
         self.commands.insert(record.cmd_id.clone(), actor.start());
         Ok(record)
@@ -354,6 +359,7 @@ impl Handler<Boot> for Registry {
                 queue,
                 true,
                 ctx.address().recipient(),
+                self.events.clone(),
             );
             self.commands.insert(record.cmd_id.clone(), actor.start());
         }
@@ -867,7 +873,8 @@ impl Handler<StartTransfer> for Registry {
                 stall: act.config.transfer_stall,
                 local_digest: digest,
             };
-            let actor = TransferActor::new(plan, act.store.clone(), broker).start();
+            let actor =
+                TransferActor::new(plan, act.store.clone(), broker, act.events.clone()).start();
             act.transfers.insert(id.clone(), actor);
             Ok(id)
         }))

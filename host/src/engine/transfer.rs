@@ -14,7 +14,7 @@
 //! guest's error code. Progress (bytes, rate) is stored as it goes.
 
 use super::broker::{BrokerActor, Publish};
-use super::EngineError;
+use super::{EngineError, EngineEvent, EventSender};
 use crate::store::{Store, TransferRecord, TransferState};
 use actix::prelude::*;
 use bytes::Bytes;
@@ -86,6 +86,7 @@ pub struct TransferActor {
     stored_at: u64,
     ended: Option<Result<TransferRecord, (FileErrorCode, String)>>,
     waiters: Vec<oneshot::Sender<Result<TransferRecord, EngineError>>>,
+    events: EventSender,
 }
 
 impl std::fmt::Debug for TransferActor {
@@ -113,7 +114,12 @@ pub struct TransferPlan {
 }
 
 impl TransferActor {
-    pub fn new(plan: TransferPlan, store: Arc<Store>, broker: Addr<BrokerActor>) -> TransferActor {
+    pub fn new(
+        plan: TransferPlan,
+        store: Arc<Store>,
+        broker: Addr<BrokerActor>,
+        events: EventSender,
+    ) -> TransferActor {
         let direction = match plan.local_digest {
             Some((size, sha256)) if plan.to_guest => Direction::ToGuest {
                 file: None,
@@ -148,6 +154,7 @@ impl TransferActor {
             stored_at: 0,
             ended: None,
             waiters: Vec::new(),
+            events,
         }
     }
 
@@ -199,6 +206,11 @@ impl TransferActor {
         // Store progress every 4 MiB or so, not on every chunk.
         if self.done >= self.stored_at + 4 * 1024 * 1024 {
             self.stored_at = self.done;
+            let _ = self.events.send(EngineEvent::Transfer {
+                transfer_id: self.id.clone(),
+                bytes_done: self.done,
+                state: TransferState::Running,
+            });
             if let Err(e) = self.store.update_transfer_progress(&self.id, self.done) {
                 log::debug!("cannot store progress of transfer {}: {e}", self.id);
             }
@@ -280,6 +292,11 @@ impl TransferActor {
                 let _ = std::fs::remove_file(&*part);
             }
         }
+        let _ = self.events.send(EngineEvent::Transfer {
+            transfer_id: self.id.clone(),
+            bytes_done: self.done,
+            state,
+        });
         if let Err(e) =
             self.store
                 .finish_transfer(&self.id, state, size, sha.as_deref(), error.as_deref())

@@ -10,7 +10,7 @@
 //! [`Supervised::restarting`] reloads its state from the store.
 
 use super::presence::{Presence, PresenceTracker};
-use super::{EngineError, VmView};
+use super::{EngineError, EngineEvent, EventSender, VmView};
 use crate::hypervisor::{Hypervisor, SnapshotInfo, VmDefinition, VmState};
 use crate::store::{Store, VmRecord};
 use actix::prelude::*;
@@ -73,6 +73,7 @@ pub struct VmActor {
     guest: Option<GuestInfo>,
     /// A lifecycle operation is in progress: the tick leaves the state alone.
     busy: bool,
+    events: EventSender,
 }
 
 impl std::fmt::Debug for VmActor {
@@ -90,6 +91,7 @@ impl VmActor {
         hypervisor: Arc<dyn Hypervisor>,
         store: Arc<Store>,
         beacon: Duration,
+        events: EventSender,
     ) -> VmActor {
         let mut presence = PresenceTracker::new(beacon);
         presence.restore(
@@ -104,6 +106,7 @@ impl VmActor {
             presence,
             guest: None,
             busy: false,
+            events,
         }
     }
 
@@ -125,6 +128,11 @@ impl VmActor {
     }
 
     fn persist(&self) {
+        let _ = self.events.send(EngineEvent::Vm {
+            vm: self.name().to_owned(),
+            state: self.state,
+            presence: self.presence.state(),
+        });
         if let Err(e) = self.store.set_vm_state(
             self.name(),
             self.state.as_str(),
