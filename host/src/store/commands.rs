@@ -397,10 +397,9 @@ impl Store {
         offset: u64,
         data: &[u8],
     ) -> Result<bool, StoreError> {
-        let offset = int(offset, "an output offset")?;
         let len = data.len() as u64;
-        int(len, "an output chunk's length")?;
-        int((offset as u64).saturating_add(len), "an output chunk's end")?;
+        let start = int(offset, "an output offset")?;
+        int(offset.saturating_add(len), "the end of an output chunk")?;
         self.write("store command output", Durability::CrashSafe, |tx| {
             let seq = command_seq(tx, cmd_id)?;
             if data.is_empty() {
@@ -411,7 +410,7 @@ impl Store {
                     "INSERT OR IGNORE INTO output_chunks (cmd, stream, offset, len, data)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
-                .execute((seq, stream.as_str(), offset, data.len(), data))?;
+                .execute((seq, stream.as_str(), start, data.len(), data))?;
             if inserted > 0 {
                 let counter = match stream {
                     OutputStream::Out => {
@@ -429,6 +428,8 @@ impl Store {
 
     /// Up to `max_bytes` of `stream`, contiguous from `from_offset`: the read stops
     /// at the first byte no stored chunk holds. Empty if that is `from_offset`.
+    /// The store is locked while the bytes are copied: read large output in pages
+    /// of a few MiB.
     pub fn read_output(
         &self,
         cmd_id: &str,

@@ -263,11 +263,16 @@ impl Store {
         if report != PruneReport::default() {
             // Outside the pruning transaction: a write of its own, which frees one
             // page per row it returns.
-            self.read("return freed pages to the file system", |conn| {
-                let mut vacuum = conn.prepare("PRAGMA incremental_vacuum")?;
-                let mut pages = vacuum.query([])?;
+            let conn = self.lock();
+            let vacuum = || -> rusqlite::Result<()> {
+                let mut stmt = conn.prepare("PRAGMA incremental_vacuum")?;
+                let mut pages = stmt.query([])?;
                 while pages.next()?.is_some() {}
                 Ok(())
+            };
+            vacuum().map_err(|source| StoreError::Sqlite {
+                operation: "return freed pages to the file system",
+                source,
             })?;
             log::info!(
                 "pruned {} commands ({} bytes of output) and {} transfers finished before {}",
