@@ -360,7 +360,7 @@ impl Agent {
 
     async fn beacon(&mut self) {
         self.beacons += 1;
-        if self.beacons % HELLO_EVERY == 0 {
+        if self.beacons.is_multiple_of(HELLO_EVERY) {
             self.hello().await;
             return;
         }

@@ -2,8 +2,10 @@
 //!
 //! [`hypervisor`] is the boundary to the VMs (the `Hypervisor` trait, the QEMU and
 //! unmanaged backends); [`store`] keeps everything durable in SQLite. The actor
-//! engine and the API are built on these.
+//! [`engine`] is built on these, and [`api`] puts the engine's operations on the
+//! network (XML-RPC, JSON).
 
+pub mod api;
 pub mod engine;
 pub mod hypervisor;
 pub mod store;
