@@ -3,9 +3,12 @@
 #
 # On a fresh Debian 12 machine (root, no systemd) it installs what the tests need,
 # starts the real brokers (RabbitMQ with STOMP on 127.0.0.1:61613, ActiveMQ on
-# 127.0.0.1:61614), then checks formatting, runs clippy with warnings as errors,
-# and runs every test of the workspace against those brokers. Brokers started
-# here keep running afterwards (stop them with deploy/brokers/down.sh).
+# 127.0.0.1:61614), installs QEMU and builds the tiny test guest, then checks
+# formatting, runs clippy with warnings as errors, runs every test of the workspace
+# against those brokers and real QEMU VMs, and finally the API's interoperability
+# tests with Python's standard xmlrpc.client against a real vmc-host process.
+# Brokers started here keep running afterwards (stop them with
+# deploy/brokers/down.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +16,10 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "brokers"
 bash deploy/brokers/up.sh
+
+step "QEMU and the tiny test guest"
+bash deploy/qemu/install.sh
+bash deploy/qemu/tiny-guest.sh "${CARGO_TARGET_DIR:-target}/tmp/tiny-guest"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -33,3 +40,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+
+step "API interoperability (Python's standard clients against a real vmc-host)"
+bash tests/python/run.sh

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod engine;
 pub mod hypervisor;
+pub mod settings;
 pub mod store;
 
 pub use vmc_protocol as protocol;

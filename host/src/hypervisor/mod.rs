@@ -5,12 +5,13 @@
 //! processes and sockets with blocking calls, and the VM actors call them on
 //! tokio's blocking pool, so a slow hypervisor never stalls an actor's mailbox.
 //! A backend that cannot do something answers [`HypervisorError::NotSupported`]
-//! with a sentence naming the backend and the operation. Backends: QEMU (real, arriving next,
+//! with a sentence naming the backend and the operation. Backends: [`qemu`] (real,
 //! QMP), [`unmanaged`] (guests that say HELLO without a VM: every lifecycle call is
 //! "not supported"); libvirt and VirtualBox fit behind the same trait.
 //! What a backend does not own: presence (the guest agent's business) and the store
 //! (the registry persists what [`Hypervisor::create`] returns).
 
+pub mod qemu;
 pub mod unmanaged;
 
 use std::fmt;
