@@ -9,4 +9,5 @@
 mod guest;
 mod host;
 mod malformed;
+mod restart;
 mod transport;
