@@ -6,13 +6,17 @@
 //! stored is delivered again after a crash). Other actors send [`Publish`] to talk to
 //! guests; persistent words are sent with a receipt and `Publish` answers once the
 //! broker confirmed them. Reconnections are the session's business: other actors
-//! see them only as delays.
+//! see them only as delays; the actor counts them for [`BrokerStatus`] (health and
+//! metrics).
 
 use super::registry::{Incoming, Registry};
 use super::EngineError;
 use actix::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use vmc_protocol::destinations::Destinations;
 use vmc_protocol::identity::HostId;
+use vmc_protocol::stomp::session::LinkState;
 use vmc_protocol::stomp::{SessionEvent, StompClient, Subscription};
 use vmc_protocol::words::{self, Message as Word};
 
@@ -25,6 +29,39 @@ pub struct BrokerActor {
     destinations: Destinations,
     max_frame_size: usize,
     registry: Addr<Registry>,
+    counters: Arc<LinkCounters>,
+}
+
+/// What the session's events told so far, counted by the event loop.
+#[derive(Debug, Default)]
+struct LinkCounters {
+    connects: AtomicU64,
+    disconnects: AtomicU64,
+    connect_failures: AtomicU64,
+    /// The broker of the last connection that came up.
+    address: Mutex<Option<String>>,
+}
+
+/// The broker connection as health checks and metrics see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerStatus {
+    pub link: LinkState,
+    /// The broker of the current (or last) connection, `stomp://host:port`.
+    pub address: Option<String>,
+    /// Connections that came up since the host agent started; every one after the
+    /// first is a reconnection.
+    pub connects: u64,
+    /// Connections that went down.
+    pub disconnects: u64,
+    /// Connection attempts that failed.
+    pub connect_failures: u64,
+}
+
+impl BrokerStatus {
+    /// Connections after the first.
+    pub fn reconnects(&self) -> u64 {
+        self.connects.saturating_sub(1)
+    }
 }
 
 impl BrokerActor {
@@ -44,6 +81,7 @@ impl BrokerActor {
             destinations,
             max_frame_size,
             registry,
+            counters: Arc::default(),
         }
     }
 
@@ -73,6 +111,7 @@ impl Actor for BrokerActor {
         let Some(mut events) = self.events.take() else {
             return;
         };
+        let counters = self.counters.clone();
         actix::spawn(async move {
             while let Some(event) = events.recv().await {
                 match event {
@@ -99,15 +138,22 @@ impl Actor for BrokerActor {
                         ..
                     } => {
                         log::info!("broker connection {generation} to {address} is up");
+                        counters.connects.fetch_add(1, Ordering::Relaxed);
+                        *counters
+                            .address
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = Some(address.to_string());
                     }
                     SessionEvent::Disconnected { reason, .. } => {
                         log::warn!("broker connection lost: {reason}");
+                        counters.disconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     SessionEvent::ConnectFailed {
                         address,
                         reason,
                         retry_in,
                     } => {
+                        counters.connect_failures.fetch_add(1, Ordering::Relaxed);
                         log::warn!("cannot reach the broker at {address}: {reason}; retrying in {retry_in:?}");
                     }
                     SessionEvent::BrokerError { message, body } => {
@@ -157,6 +203,30 @@ impl Handler<Publish> for BrokerActor {
             } else {
                 client.send(frame).await.map_err(broken)
             }
+        })
+    }
+}
+
+/// Tells where the broker connection stands.
+#[derive(Debug, Message)]
+#[rtype(result = "BrokerStatus")]
+pub struct GetBrokerStatus;
+
+impl Handler<GetBrokerStatus> for BrokerActor {
+    type Result = MessageResult<GetBrokerStatus>;
+
+    fn handle(&mut self, _msg: GetBrokerStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        let counters = &self.counters;
+        MessageResult(BrokerStatus {
+            link: self.client.link_state(),
+            address: counters
+                .address
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            connects: counters.connects.load(Ordering::Relaxed),
+            disconnects: counters.disconnects.load(Ordering::Relaxed),
+            connect_failures: counters.connect_failures.load(Ordering::Relaxed),
         })
     }
 }

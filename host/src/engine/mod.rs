@@ -131,6 +131,16 @@ pub struct FanoutView {
     pub commands: Vec<CommandRecord>,
 }
 
+/// Who this host agent is and where its broker connection stands (health checks,
+/// metrics, host information).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineStatus {
+    pub host_id: String,
+    /// The backend of the VMs this host creates.
+    pub backend: &'static str,
+    pub broker: broker::BrokerStatus,
+}
+
 /// Something that happened, for callers who follow the engine live (the API's event
 /// stream): nobody has to poll. Slow followers miss events (they are told how many)
 /// rather than slow the engine down.
@@ -407,6 +417,11 @@ impl Engine {
         self.registry
             .send(registry::Performance { vm: vm.to_owned() })
             .await?
+    }
+
+    /// This host's identity, backend and broker connection.
+    pub async fn status(&self) -> Result<EngineStatus, EngineError> {
+        self.registry.send(registry::Status).await?
     }
 
     /// Makes a VM's actor stop as a crash would; its supervisor restarts it from the

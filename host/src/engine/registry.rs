@@ -12,11 +12,11 @@
 //! twice. Operations on one VM are forwarded to its actor; the registry itself
 //! never calls the hypervisor except to create and remove VMs.
 
-use super::broker::{BrokerActor, CloseSession, Publish};
+use super::broker::{BrokerActor, CloseSession, GetBrokerStatus, Publish};
 use super::command::{self, CommandActor, CommandDetails, CommandStopped};
 use super::transfer::{self, TransferActor, TransferPlan};
 use super::vm::{self, LifecycleOp, VmActor};
-use super::{new_id, EngineConfig, EngineError, EventSender, FanoutView, VmView};
+use super::{new_id, EngineConfig, EngineError, EngineStatus, EventSender, FanoutView, VmView};
 use crate::hypervisor::unmanaged::{self, Unmanaged};
 use crate::hypervisor::{Hypervisor, SnapshotInfo, VmSpec, VmState};
 use crate::store::{
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use vmc_protocol::glob::glob_match;
 use vmc_protocol::identity::GuestId;
-use vmc_protocol::words::{CommandSpec, Envelope, Message as Word};
+use vmc_protocol::words::{CommandSpec, Envelope, FileErrorCode, Message as Word};
 
 /// The registry actor.
 pub struct Registry {
@@ -209,11 +209,7 @@ impl Registry {
             }
             Word::Pong { ping_id } => {
                 if let Some(vm) = vm {
-                    vm.do_send(vm::GuestSaid {
-                        word: Word::Pong {
-                            ping_id: ping_id.clone(),
-                        },
-                    });
+                    vm.do_send(vm::Heard);
                 }
                 if let Some(waiter) = self.pings.remove(&ping_id) {
                     let _ = waiter.send(());
@@ -233,11 +229,7 @@ impl Registry {
                 };
                 if let Some(vm) = vm {
                     if matches!(word, Word::CmdResult(_) | Word::CmdStarted { .. }) {
-                        vm.do_send(vm::GuestSaid {
-                            word: Word::Ping {
-                                ping_id: String::new(),
-                            },
-                        });
+                        vm.do_send(vm::Heard);
                     }
                 }
                 if let Some(actor) = self.commands.get(&cmd_id).cloned() {
@@ -900,14 +892,46 @@ impl Handler<WaitTransfer> for Registry {
             let record = record?.ok_or(EngineError::UnknownTransfer(msg.transfer_id))?;
             match record.state {
                 TransferState::Done => Ok(record),
-                _ => Err(EngineError::Transfer {
-                    code: vmc_protocol::words::FileErrorCode::Io,
-                    message: record
-                        .error
-                        .clone()
-                        .unwrap_or_else(|| "the transfer did not finish".into()),
-                }),
+                _ => {
+                    // The transfer actor stores errors as "<code>: <message>".
+                    let error = record.error.clone().unwrap_or_default();
+                    let (code, message) = FileErrorCode::ALL
+                        .into_iter()
+                        .find_map(|code| {
+                            let rest = error.strip_prefix(code.as_str())?.strip_prefix(": ")?;
+                            Some((code, rest.to_owned()))
+                        })
+                        .unwrap_or((FileErrorCode::Io, error));
+                    let message = if message.is_empty() {
+                        "the transfer did not finish".to_owned()
+                    } else {
+                        message
+                    };
+                    Err(EngineError::Transfer { code, message })
+                }
             }
+        })
+    }
+}
+
+/// Who this host is and where its broker connection stands.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<EngineStatus, EngineError>")]
+pub struct Status;
+
+impl Handler<Status> for Registry {
+    type Result = ResponseFuture<Result<EngineStatus, EngineError>>;
+
+    fn handle(&mut self, _msg: Status, _ctx: &mut Context<Self>) -> Self::Result {
+        let host_id = self.config.host_id.as_str().to_owned();
+        let backend = self.config.hypervisor.name();
+        let broker = self.broker();
+        Box::pin(async move {
+            Ok(EngineStatus {
+                host_id,
+                backend,
+                broker: broker?.send(GetBrokerStatus).await?,
+            })
         })
     }
 }

@@ -308,6 +308,27 @@ impl Handler<Lifecycle> for VmActor {
     }
 }
 
+/// A sign of life from the guest agent in a message that is not about presence
+/// (a PONG, a command's start or result).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Heard;
+
+impl Handler<Heard> for VmActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Heard, _ctx: &mut Context<Self>) {
+        if self.presence.heard() {
+            log::info!(
+                "VM {}: guest {}",
+                self.name(),
+                self.presence.state().as_str()
+            );
+            self.persist();
+        }
+    }
+}
+
 /// Something the guest agent said (routed here by its id).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
