@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 #
-# run.sh -- the XML-RPC interoperability tests: Python's standard xmlrpc.client
-# against a real vmc-host and real vmc-guest processes on a real broker.
+# run.sh -- the API tests: Python's standard xmlrpc.client against the XML-RPC
+# API (test_xmlrpc.py), and urllib/http.client and the `vmc` CLI against the JSON
+# API, its event stream, /healthz and /metrics (test_json.py), all against a real
+# vmc-host and real vmc-guest processes on a real broker.
 #
 #   tests/python/run.sh [unittest arguments, e.g. -k Transfers]
 #
 # Starts the RabbitMQ broker if it is not running (deploy/brokers/rabbitmq.sh,
 # STOMP on 127.0.0.1:61613), then one vmc-host with the unmanaged backend on a
 # free loopback port and three vmc-guest processes, all under a destination prefix
-# of their own; waits until the host lists the guests; runs test_xmlrpc.py; stops
-# everything on any exit. The exit code is the tests'. Build first:
+# of their own; waits until the host lists the guests; runs both test modules;
+# stops everything on any exit. The exit code is the tests'. Build first:
 #   cargo build -p vmc-host -p vmc-guest
-# VMC_HOST_BIN / VMC_GUEST_BIN override the binaries (default target/debug/),
+# VMC_HOST_BIN / VMC_GUEST_BIN / VMC_CLI_BIN override the binaries (default
+# target/debug/),
 # VMC_TEST_BROKER the broker (then it is not started), VMC_HOST_LOG / VMC_GUEST_LOG
 # the agents' RUST_LOG (default warn). On failure the agents' logs are printed.
 set -euo pipefail
@@ -20,7 +23,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 host_bin=${VMC_HOST_BIN:-$root/target/debug/vmc-host}
 guest_bin=${VMC_GUEST_BIN:-$root/target/debug/vmc-guest}
-for bin in "$host_bin" "$guest_bin"; do
+cli_bin=${VMC_CLI_BIN:-$root/target/debug/vmc}
+for bin in "$host_bin" "$guest_bin" "$cli_bin"; do
     if [[ ! -x $bin ]]; then
         echo "run.sh: $bin is missing: cargo build -p vmc-host -p vmc-guest" >&2
         exit 2
@@ -83,6 +87,8 @@ export VMC_XMLRPC_URL="http://127.0.0.1:$port"
 export VMC_TEST_VMS="${vms[*]}"
 export VMC_TEST_FILES="$work/files"
 export VMC_TEST_HOST_FILES="$work/host-files"
+export VMC_TEST_HOST_STATE="$work/host"
+export VMC_CLI_BIN="$cli_bin"
 
 # The host answers and every guest is alive, or the tests cannot start.
 python3 - <<'EOF'
@@ -103,4 +109,4 @@ sys.exit(f"run.sh: the host did not list the guests {vms} alive within 60 s ({la
 EOF
 
 cd "$here"
-python3 -m unittest -v test_xmlrpc "$@"
+python3 -m unittest -v test_xmlrpc test_json "$@"

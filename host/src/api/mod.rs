@@ -5,12 +5,16 @@
 //! is composed from the engine's records) with typed inputs and outputs; the
 //! encodings only translate. [`xmlrpc`] is the original VMController's surface
 //! (`POST /RPC2` and `POST /`), kept name for name so 2010 clients work unchanged;
-//! a JSON encoding under `/api/v1` fits beside it the same way. [`configure`] is
-//! the one route table, used by [`server::serve`] and by tests alike, and
-//! [`FaultCode`] the stable error codes every encoding reports.
+//! [`json`] is the resource-style JSON API under `/api/v1` beside it, with the live
+//! [`events`] stream, and [`metrics`] serves `/healthz` and `/metrics`.
+//! [`configure`] is the one route table, used by [`server::serve`] and by tests
+//! alike, and [`FaultCode`] the stable error codes every encoding reports.
 //! What this module does not do: run anything itself (the engine's actors do), or
 //! authenticate callers (the listener is loopback by default, as the original's).
 
+pub mod events;
+pub mod json;
+pub mod metrics;
 pub mod ops;
 pub mod server;
 pub mod xmlrpc;
@@ -25,11 +29,12 @@ pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 pub fn configure(cfg: &mut web::ServiceConfig, engine: Engine) {
     cfg.app_data(web::Data::new(engine));
     xmlrpc::configure(cfg);
+    json::configure(cfg);
 }
 
 /// The stable error codes of the API, one per kind of failure a caller can act on.
 ///
-/// XML-RPC reports them as `faultCode`. Positive codes are about the operation
+/// XML-RPC reports them as `faultCode`, JSON as `error.code` (with `error.name`). Positive codes are about the operation
 /// (its VM, command, arguments, hypervisor); the negative ones are the XML-RPC
 /// interoperability codes for requests that never reached an operation. A code
 /// never changes meaning; new kinds get new codes.

@@ -7,6 +7,9 @@
 //! answer is composed (a command ended by the host, not by its guest, still gets a
 //! result in the original's shape; a page of output tells whether more can come).
 //! Errors are [`ApiError`]s, each with its stable [`FaultCode`].
+//! Files that travel between a remote API caller and a guest pass through the host
+//! as [`StagedFile`]s in the state directory, removed when dropped: [`upload`] takes
+//! the caller's byte stream, [`download`] hands one back.
 //! What does not live here: wire names and value types (the encodings' business),
 //! and any state: every operation reads the engine or its store afresh.
 
@@ -14,11 +17,18 @@ use super::FaultCode;
 use crate::engine::command::CommandDetails;
 use crate::engine::presence::Presence;
 use crate::engine::vm::LifecycleOp;
-use crate::engine::{Engine, EngineError, FanoutView, VmView};
+use crate::engine::{Engine, EngineError, EngineStatus, FanoutView, VmView};
 use crate::hypervisor::{HypervisorError, PerformanceData, SnapshotInfo, VmSpec, VmState};
-use crate::store::{CommandQuery, CommandRecord, CommandState, TransferDirection, TransferRecord};
-use std::path::PathBuf;
-use std::time::Duration;
+use crate::store::{
+    CommandQuery, CommandRecord, CommandState, TransferDirection, TransferRecord, TransferState,
+    TransferTotal,
+};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+use tokio::io::AsyncWriteExt;
 use vmc_protocol::words::{CommandOutcome, CommandResult, CommandSpec, OutputStream};
 
 /// The longest a caller may ask an operation to wait (ping, results).
@@ -26,6 +36,25 @@ pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// The most output one [`command_output`] call returns.
 pub const MAX_OUTPUT_PAGE: usize = 8 * 1024 * 1024;
+
+/// The most records one [`commands`] call lists.
+pub const MAX_LIST: usize = 10_000;
+
+/// The directory of the state directory where [`StagedFile`]s live.
+pub const STAGING_DIR: &str = "api-files";
+
+/// A staged file older than this is a leftover of a crash and is swept away.
+const STAGED_FILE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Every presence, in the order of the state machine.
+pub const PRESENCES: [Presence; 6] = [
+    Presence::Unknown,
+    Presence::Booting,
+    Presence::Alive,
+    Presence::Suspect,
+    Presence::Lost,
+    Presence::Gone,
+];
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +65,14 @@ pub enum ApiError {
     BadArgument(String),
     #[error("command {cmd_id} has not finished yet (it is {state}); ask again later")]
     NotFinished { cmd_id: String, state: CommandState },
+    #[error("the file sent to the host could not be read to its end: {0}")]
+    Body(String),
+    #[error("the host cannot stage a file in {}", path.display())]
+    Staging {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ApiError {
@@ -44,6 +81,8 @@ impl ApiError {
         match self {
             ApiError::BadArgument(_) => FaultCode::BadArgument,
             ApiError::NotFinished { .. } => FaultCode::NotFinished,
+            ApiError::Body(_) => FaultCode::BadArgument,
+            ApiError::Staging { .. } => FaultCode::Internal,
             ApiError::Engine(e) => match e {
                 EngineError::UnknownVm(_) => FaultCode::UnknownVm,
                 EngineError::VmExists(_) => FaultCode::VmExists,
@@ -205,6 +244,13 @@ fn check_spec(spec: &CommandSpec) -> Result<(), ApiError> {
     if spec.cmd.is_empty() {
         return Err(bad("the command is empty"));
     }
+    if let Some(secs) = spec.timeout_secs {
+        if !secs.is_finite() || secs <= 0.0 {
+            return Err(bad(format!(
+                "a command's timeout must be more than 0 seconds, not {secs}"
+            )));
+        }
+    }
     if let Some(key) = spec
         .env
         .keys()
@@ -215,6 +261,21 @@ fn check_spec(spec: &CommandSpec) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// The newest commands that match `query`, newest first; `query.limit` must be
+/// between 1 and [`MAX_LIST`].
+pub fn commands(engine: &Engine, query: &CommandQuery) -> Result<Vec<CommandRecord>, ApiError> {
+    match query.limit {
+        Some(limit) if (1..=MAX_LIST).contains(&limit) => {}
+        other => {
+            return Err(bad(format!(
+                "limit must be between 1 and {MAX_LIST}, not {}",
+                other.map_or("absent".to_owned(), |n| n.to_string())
+            )))
+        }
+    }
+    Ok(engine.store().commands(query).map_err(EngineError::from)?)
 }
 
 /// The newest `limit` commands in a final state, newest first.
@@ -297,6 +358,11 @@ fn result_from_record(record: &CommandRecord) -> CommandResult {
         out_file: None,
         err_file: None,
     }
+}
+
+/// A command's record as stored (state, timestamps, result once finished).
+pub fn command_record(engine: &Engine, cmd_id: &str) -> Result<CommandRecord, ApiError> {
+    Ok(engine.command(cmd_id)?)
 }
 
 /// A command's record and, while it runs, its guest's live report.
@@ -409,6 +475,251 @@ pub async fn copy(
 /// A transfer and its progress.
 pub fn transfer(engine: &Engine, transfer_id: &str) -> Result<TransferRecord, ApiError> {
     Ok(engine.transfer(transfer_id)?)
+}
+
+/// The transfers of `vm` (of every VM if `None`), only the unfinished ones if
+/// `unfinished_only`, oldest first.
+pub fn transfers(
+    engine: &Engine,
+    vm: Option<&str>,
+    unfinished_only: bool,
+) -> Result<Vec<TransferRecord>, ApiError> {
+    Ok(engine
+        .store()
+        .transfers(vm, unfinished_only)
+        .map_err(EngineError::from)?)
+}
+
+/// The host agent as a whole: who it is, its broker connection, and how many VMs,
+/// guests, commands and transfers it has in each state. Host information, the
+/// health check and the metrics are all read from one of these.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostStatus {
+    pub version: &'static str,
+    pub protocol: u32,
+    pub engine: EngineStatus,
+    /// Every VM, by name.
+    pub vms: Vec<VmView>,
+    /// Every command state, with the number of stored commands in it.
+    pub commands: Vec<(CommandState, u64)>,
+    /// The stored transfers by direction and state, with the bytes they moved.
+    pub transfers: Vec<TransferTotal>,
+}
+
+impl HostStatus {
+    /// Every VM state, with the number of VMs in it.
+    pub fn vms_by_state(&self) -> Vec<(VmState, u64)> {
+        VmState::ALL
+            .into_iter()
+            .map(|s| (s, self.vms.iter().filter(|vm| vm.state == s).count() as u64))
+            .collect()
+    }
+
+    /// Every presence, with the number of guests in it.
+    pub fn guests_by_presence(&self) -> Vec<(Presence, u64)> {
+        PRESENCES
+            .into_iter()
+            .map(|p| {
+                let n = self.vms.iter().filter(|vm| vm.presence == p).count();
+                (p, n as u64)
+            })
+            .collect()
+    }
+
+    /// Every transfer state, with the number of stored transfers in it.
+    pub fn transfers_by_state(&self) -> Vec<(TransferState, u64)> {
+        TransferState::ALL
+            .into_iter()
+            .map(|s| {
+                let n = self.transfers.iter().filter(|t| t.state == s);
+                (s, n.map(|t| t.count).sum())
+            })
+            .collect()
+    }
+
+    /// The bytes the stored transfers of one direction moved.
+    pub fn transfer_bytes(&self, direction: TransferDirection) -> u64 {
+        self.transfers
+            .iter()
+            .filter(|t| t.direction == direction)
+            .map(|t| t.bytes)
+            .sum()
+    }
+}
+
+/// Gathers the [`HostStatus`].
+pub async fn host_status(engine: &Engine) -> Result<HostStatus, ApiError> {
+    let status = engine.status().await?;
+    let vms = engine.vms().await?;
+    let store = engine.store();
+    let counted = store.command_counts().map_err(EngineError::from)?;
+    let commands = CommandState::ALL
+        .into_iter()
+        .map(|s| {
+            let n = counted.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);
+            (s, n)
+        })
+        .collect();
+    let transfers = store.transfer_totals().map_err(EngineError::from)?;
+    Ok(HostStatus {
+        version: crate::VERSION,
+        protocol: vmc_protocol::PROTOCOL_VERSION,
+        engine: status,
+        vms,
+        commands,
+        transfers,
+    })
+}
+
+/// A file the host holds between an API caller and a guest, in the state
+/// directory's [`STAGING_DIR`]; removed when dropped, whatever happened.
+#[derive(Debug)]
+pub struct StagedFile {
+    path: PathBuf,
+}
+
+impl StagedFile {
+    /// A fresh name in the staging directory (created if needed); the file itself is
+    /// made by whoever writes it. Leftovers older than a day (a crash's) are swept.
+    pub fn new(engine: &Engine, purpose: &str) -> Result<StagedFile, ApiError> {
+        let state_dir = engine.store().path().parent().unwrap_or(Path::new("."));
+        let dir = std::path::absolute(state_dir.join(STAGING_DIR)).map_err(|source| {
+            ApiError::Staging {
+                path: state_dir.join(STAGING_DIR),
+                source,
+            }
+        })?;
+        std::fs::create_dir_all(&dir).map_err(|source| ApiError::Staging {
+            path: dir.clone(),
+            source,
+        })?;
+        sweep(&dir);
+        let name = format!("{purpose}-{}", uuid::Uuid::new_v4().simple());
+        Ok(StagedFile {
+            path: dir.join(name),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot remove {}: {e}", self.path.display()),
+        }
+    }
+}
+
+/// Removes staged files older than [`STAGED_FILE_MAX_AGE`].
+fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > STAGED_FILE_MAX_AGE);
+        if old {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Refuses early a copy to or from a guest whose agent is not there, rather than
+/// after a whole file went through the host.
+async fn reachable(engine: &Engine, vm: &str) -> Result<(), ApiError> {
+    let view = engine.vm(vm).await?;
+    match view.presence {
+        Presence::Alive | Presence::Suspect => Ok(()),
+        other => Err(EngineError::GuestUnreachable {
+            vm: vm.to_owned(),
+            reason: format!("its agent is {}", other.as_str()),
+        }
+        .into()),
+    }
+}
+
+/// Copies what `body` yields to `remote` on a VM's guest, through a staged file,
+/// and returns once the guest verified it. Checks the VM, its guest and the path
+/// before reading the body; the guest's SHA-256 must be that of the bytes received.
+pub async fn upload<S, E>(
+    engine: &Engine,
+    vm: &str,
+    remote: &str,
+    mut body: S,
+) -> Result<TransferRecord, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    if !remote.starts_with('/') {
+        return Err(bad(format!(
+            "the guest path {remote:?} is not an absolute path"
+        )));
+    }
+    reachable(engine, vm).await?;
+    let staged = StagedFile::new(engine, "upload")?;
+    let staging = |source| ApiError::Staging {
+        path: staged.path().to_owned(),
+        source,
+    };
+    let mut file = tokio::fs::File::create(staged.path())
+        .await
+        .map_err(staging)?;
+    let mut hasher = Sha256::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::Body(e.to_string()))?;
+        hasher.update(&chunk);
+        file.write_all(&chunk).await.map_err(staging)?;
+    }
+    file.flush().await.map_err(staging)?;
+    drop(file);
+    let received = hex(&hasher.finalize());
+    let record = engine
+        .copy_to_vm(vm, staged.path().to_owned(), remote.to_owned())
+        .await?;
+    if record.sha256.as_deref() != Some(received.as_str()) {
+        return Err(EngineError::Internal(format!(
+            "transfer {} verified SHA-256 {:?}, but the host received {received}",
+            record.transfer_id, record.sha256
+        ))
+        .into());
+    }
+    Ok(record)
+}
+
+/// A guest's file, copied to the host and verified, ready to be read.
+#[derive(Debug)]
+pub struct Download {
+    pub file: StagedFile,
+    pub transfer: TransferRecord,
+}
+
+/// Copies `remote` from a VM's guest to a staged file and returns once verified;
+/// the file goes away with the [`Download`].
+pub async fn download(engine: &Engine, vm: &str, remote: &str) -> Result<Download, ApiError> {
+    if !remote.starts_with('/') {
+        return Err(bad(format!(
+            "the guest path {remote:?} is not an absolute path"
+        )));
+    }
+    reachable(engine, vm).await?;
+    let file = StagedFile::new(engine, "download")?;
+    let transfer = engine
+        .copy_from_vm(vm, remote.to_owned(), file.path().to_owned())
+        .await?;
+    Ok(Download { file, transfer })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

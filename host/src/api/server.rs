@@ -29,6 +29,6 @@ pub async fn serve(engine: Engine, listen: SocketAddr) -> std::io::Result<Server
     .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
     .bind(listen)?
     .run();
-    log::info!("API listening on http://{listen} (XML-RPC at /RPC2 and /)");
+    log::info!("API listening on http://{listen} (XML-RPC at /RPC2 and /, JSON under /api/v1)");
     Ok(server)
 }

@@ -1643,11 +1643,14 @@ async fn rpc(engine: web::Data<Engine>, body: web::Bytes) -> HttpResponse {
         .body(xml)
 }
 
+/// Where XML-RPC calls are posted.
+pub const PATHS: [&str; 2] = ["/RPC2", "/"];
+
 /// The XML-RPC routes: `POST /RPC2` (the original's path) and `POST /` (where
 /// `ServerProxy("http://host:port")` posts). Bodies over [`MAX_REQUEST_BYTES`] are
 /// answered 413, other HTTP methods 405.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    for path in ["/RPC2", "/"] {
+    for path in PATHS {
         cfg.service(
             web::resource(path)
                 .app_data(web::PayloadConfig::new(MAX_REQUEST_BYTES))

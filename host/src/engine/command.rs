@@ -124,13 +124,15 @@ impl CommandActor {
         });
     }
 
+    /// Stores a state change, then announces it (a follower that reads the record
+    /// on the event finds the new state).
     fn set_state(&self, state: CommandState, error: Option<&str>) {
-        self.announce(state);
-        if let Err(e) = self
+        match self
             .store
             .set_command_state(&self.cmd_id, state, Utc::now(), error)
         {
-            log::error!("cannot store the state of command {}: {e}", self.cmd_id);
+            Ok(_) => self.announce(state),
+            Err(e) => log::error!("cannot store the state of command {}: {e}", self.cmd_id),
         }
     }
 

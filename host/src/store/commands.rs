@@ -480,6 +480,25 @@ impl Store {
         })
     }
 
+    /// How many commands are in each state; states with none are absent. Counts
+    /// in the database, reading no records (for metrics and health checks).
+    pub fn command_counts(&self) -> Result<Vec<(CommandState, u64)>, StoreError> {
+        self.read("count commands by state", |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT state, count(*) FROM commands GROUP BY state")?;
+            let mut rows = stmt.query([])?;
+            let mut counts = Vec::new();
+            while let Some(row) = rows.next()? {
+                let (state, count): (String, i64) = (row.get(0)?, row.get(1)?);
+                // The column's CHECK constraint admits only the names of the states.
+                if let Some(state) = CommandState::parse(&state) {
+                    counts.push((state, u64::try_from(count).unwrap_or(0)));
+                }
+            }
+            Ok(counts)
+        })
+    }
+
     /// How many bytes of `stream` are stored contiguously from offset 0.
     pub fn output_len(&self, cmd_id: &str, stream: OutputStream) -> Result<u64, StoreError> {
         self.read("measure command output", |conn| {
@@ -651,6 +670,26 @@ mod tests {
         assert_eq!(
             CommandState::from_outcome(CommandOutcome::Lost),
             CommandState::Lost
+        );
+    }
+
+    #[test]
+    fn commands_are_counted_by_state() {
+        let (_dir, store) = temp_store();
+        assert_eq!(store.command_counts().unwrap(), []);
+        for (i, id) in ["c1", "c2", "c3"].into_iter().enumerate() {
+            store
+                .insert_command(&command(id, "web", at(i as i64)))
+                .unwrap();
+        }
+        store
+            .set_command_state("c3", CommandState::Running, at(5), None)
+            .unwrap();
+        let mut counts = store.command_counts().unwrap();
+        counts.sort_by_key(|(state, _)| state.as_str());
+        assert_eq!(
+            counts,
+            [(CommandState::Queued, 2), (CommandState::Running, 1)]
         );
     }
 

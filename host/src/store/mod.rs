@@ -41,7 +41,7 @@ use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, Row, Transaction, TransactionBehavior};
 
 pub use commands::{CommandQuery, CommandRecord, CommandState};
-pub use transfers::{TransferDirection, TransferRecord, TransferState};
+pub use transfers::{TransferDirection, TransferRecord, TransferState, TransferTotal};
 pub use vms::VmRecord;
 
 /// The name of the database file in the host's state directory.

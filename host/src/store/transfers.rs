@@ -104,6 +104,16 @@ impl fmt::Display for TransferState {
 /// The final states as an SQL list, for `state IN (...)`.
 pub(super) const FINAL_STATES_SQL: &str = "'done', 'failed', 'cancelled'";
 
+/// The transfers of one direction in one state, counted by [`Store::transfer_totals`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransferTotal {
+    pub direction: TransferDirection,
+    pub state: TransferState,
+    pub count: u64,
+    /// The sum of their `bytes_done`.
+    pub bytes: u64,
+}
+
 /// A file transfer as stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TransferRecord {
@@ -237,6 +247,36 @@ impl Store {
                 Some(row) => Ok(Some(TransferRecord::from_row(row)?)),
                 None => Ok(None),
             }
+        })
+    }
+
+    /// How many transfers there are and how many bytes they moved, by direction and
+    /// state; pairs with none are absent. Sums in the database (for metrics).
+    pub fn transfer_totals(&self) -> Result<Vec<TransferTotal>, StoreError> {
+        self.read("sum transfers by direction and state", |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT direction, state, count(*), coalesce(sum(bytes_done), 0)
+                 FROM transfers GROUP BY direction, state",
+            )?;
+            let mut rows = stmt.query([])?;
+            let mut totals = Vec::new();
+            while let Some(row) = rows.next()? {
+                let (direction, state): (String, String) = (row.get(0)?, row.get(1)?);
+                let (count, bytes): (i64, i64) = (row.get(2)?, row.get(3)?);
+                // The columns' CHECK constraints admit only these names.
+                if let (Some(direction), Some(state)) = (
+                    TransferDirection::parse(&direction),
+                    TransferState::parse(&state),
+                ) {
+                    totals.push(TransferTotal {
+                        direction,
+                        state,
+                        count: u64::try_from(count).unwrap_or(0),
+                        bytes: u64::try_from(bytes).unwrap_or(0),
+                    });
+                }
+            }
+            Ok(totals)
         })
     }
 
@@ -415,6 +455,35 @@ mod tests {
                 Some(direction)
             );
         }
+    }
+
+    #[test]
+    fn transfers_are_summed_by_direction_and_state() {
+        let (_dir, store) = temp_store();
+        assert_eq!(store.transfer_totals().unwrap(), []);
+        for (id, created) in [("t1", 1), ("t2", 2), ("t3", 3)] {
+            store.insert_transfer(&put(id, "web", created)).unwrap();
+        }
+        store.update_transfer_progress("t1", 100).unwrap();
+        store
+            .finish_transfer("t2", TransferState::Done, Some(1000), Some("ab"), None)
+            .unwrap();
+        store.update_transfer_progress("t3", 10).unwrap();
+        let mut totals = store.transfer_totals().unwrap();
+        totals.sort_by_key(|t| t.state.as_str());
+        let total = |state, count, bytes| TransferTotal {
+            direction: TransferDirection::ToGuest,
+            state,
+            count,
+            bytes,
+        };
+        assert_eq!(
+            totals,
+            [
+                total(TransferState::Done, 1, 1000),
+                total(TransferState::Running, 2, 110)
+            ]
+        );
     }
 
     #[test]
