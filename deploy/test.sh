@@ -43,3 +43,6 @@ fi
 
 step "API interoperability (Python's standard clients against a real vmc-host)"
 bash tests/python/run.sh
+
+step "benchmarks, short mode (checks that they run; figures are in BENCHMARKS.md)"
+cargo run --locked -p vmc-bench -- --short

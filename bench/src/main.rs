@@ -1,0 +1,183 @@
+//! `vmc-bench`: runs the benchmark scenarios, prints the table and writes it with
+//! the machine it ran on (the full mode to `BENCHMARKS.md` at the workspace root,
+//! the short mode to `target/BENCHMARKS.short.md`, `--output` to elsewhere).
+//! Exits non-zero when any scenario failed.
+//!
+//!   cargo build --release --bins && cargo run --release -p vmc-bench
+//!   cargo build --bins && cargo run -p vmc-bench -- --short
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use vmc_bench::report::{self, Row};
+use vmc_bench::{engine_runs, host_runs, machine, ssh_peer, stats, Mode};
+
+const USAGE: &str = "usage: vmc-bench [--short] [--output PATH]\n\
+  --short   a quick run (small N, few repetitions) that checks every scenario works\n\
+  --output  where to write the Markdown report (default: BENCHMARKS.md for the full\n\
+            mode, target/BENCHMARKS.short.md for the short one)\n\
+  VMC_HOST_BIN / VMC_GUEST_BIN override the agents (default: next to vmc-bench);\n\
+  VMC_BENCH_BROKER_PORT the RabbitMQ STOMP port (default 61613, started if down)";
+
+fn workspace_root() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.canonicalize().unwrap_or(root)
+}
+
+/// `VMC_<NAME>_BIN`, or the binary next to this one (`target/<profile>/`).
+fn agent_binary(name: &str, var: &str) -> Result<PathBuf, String> {
+    let path = match std::env::var_os(var) {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find this executable: {e}"))?
+            .with_file_name(name),
+    };
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is missing: build the agents first (cargo build --bins, with --release for \
+             the full mode) or set {var}",
+            path.display()
+        ))
+    }
+}
+
+fn ssh_rows(mode: &Mode) -> Vec<Row> {
+    let subject = "ssh + ControlMaster (peer)";
+    let unavailable = |why: String| {
+        ["p50", "p99"]
+            .map(|f| Row::new(engine_runs::ROUND_TRIP, subject, f, "ms", &[]).note(why.clone()))
+            .to_vec()
+    };
+    let peer = match ssh_peer::SshPeer::start() {
+        Ok(peer) => peer,
+        Err(e) => return unavailable(format!("sshd could not run here: {e}")),
+    };
+    let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+    for _ in 0..mode.repetitions {
+        let mut samples = Vec::with_capacity(mode.peer_round_trips);
+        for _ in 0..mode.peer_round_trips {
+            match peer.call() {
+                Ok(d) => samples.push(d),
+                Err(e) => return unavailable(format!("ssh failed mid-run: {e}")),
+            }
+        }
+        p50s.push(stats::ms(stats::percentile(&samples, 0.5)));
+        p99s.push(stats::ms(stats::percentile(&samples, 0.99)));
+    }
+    let note = format!(
+        "{} sequential `ssh root@127.0.0.1 true` per repetition over one master, private sshd",
+        mode.peer_round_trips
+    );
+    vec![
+        Row::new(engine_runs::ROUND_TRIP, subject, "p50", "ms", &p50s).note(note.clone()),
+        Row::new(engine_runs::ROUND_TRIP, subject, "p99", "ms", &p99s).note(note),
+    ]
+}
+
+fn main() -> ExitCode {
+    let (mut mode, mut output) = (Mode::full(), None);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--short" => mode = Mode::short(),
+            "--output" => output = args.next().map(PathBuf::from),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("vmc-bench: unknown argument {other:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let root = workspace_root();
+    let output = output.unwrap_or_else(|| match mode.name {
+        "full" => root.join("BENCHMARKS.md"),
+        _ => root.join("target/BENCHMARKS.short.md"),
+    });
+    let (host_bin, guest_bin) = match (
+        agent_binary("vmc-host", "VMC_HOST_BIN"),
+        agent_binary("vmc-guest", "VMC_GUEST_BIN"),
+    ) {
+        (Ok(h), Ok(g)) => (h, g),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("vmc-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // vmc_tests::agents::GuestProcess finds the guest through this variable.
+    std::env::set_var("VMC_GUEST_BIN", &guest_bin);
+    let broker_port = match std::env::var("VMC_BENCH_BROKER_PORT") {
+        Ok(port) => match port.parse() {
+            Ok(port) => port,
+            Err(_) => {
+                eprintln!("vmc-bench: VMC_BENCH_BROKER_PORT={port:?} is not a port");
+                return ExitCode::from(2);
+            }
+        },
+        Err(_) => {
+            let script = root.join("deploy/brokers/rabbitmq.sh");
+            match Command::new("bash").arg(&script).arg("start").output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => {
+                    eprintln!(
+                        "vmc-bench: {} start failed:\n{}",
+                        script.display(),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("vmc-bench: cannot run {}: {e}", script.display());
+                    return ExitCode::from(2);
+                }
+            }
+            61613
+        }
+    };
+
+    let machine = machine::Machine::probe();
+    eprintln!("vmc-bench: {} mode on {machine}", mode.name);
+    eprintln!("vmc-bench: ssh peer ...");
+    let ssh = ssh_rows(&mode);
+    eprintln!("vmc-bench: in-process engine (round trip, fan-out) ...");
+    let (engine_rows, mut failures) = engine_runs::run(&mode, broker_port);
+    eprintln!("vmc-bench: vmc-host process (XML-RPC round trip, API, memory) ...");
+    let (host_rows, host_failures) = host_runs::run(&mode, broker_port, &host_bin);
+    failures.extend(host_failures);
+
+    let mut rows: Vec<Row> = Vec::new();
+    for row in engine_rows.into_iter().chain(host_rows) {
+        let peer = ssh
+            .iter()
+            .find(|p| p.scenario == row.scenario && p.figure == row.figure);
+        rows.push(match peer {
+            Some(peer) => row.against(peer),
+            None => row,
+        });
+    }
+    rows.extend(ssh);
+    rows.sort_by_key(|r| r.scenario);
+
+    let command = match mode.name {
+        "full" => "cargo build --release --bins && cargo run --release -p vmc-bench",
+        _ => "cargo build --bins && cargo run -p vmc-bench -- --short",
+    };
+    println!("{}", report::table(&rows));
+    for f in &failures {
+        eprintln!("vmc-bench: FAILED: {f}");
+    }
+    let document = report::document(&machine, mode.name, command, &rows, &failures);
+    if let Err(e) = std::fs::write(&output, document) {
+        eprintln!("vmc-bench: cannot write {}: {e}", output.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!("vmc-bench: wrote {}", output.display());
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
