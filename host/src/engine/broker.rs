@@ -30,6 +30,8 @@ pub struct BrokerActor {
     max_frame_size: usize,
     registry: Addr<Registry>,
     counters: Arc<LinkCounters>,
+    /// Becomes true once both subscriptions are confirmed by the broker.
+    subscribed: tokio::sync::watch::Sender<bool>,
 }
 
 /// What the session's events told so far, counted by the event loop.
@@ -82,6 +84,7 @@ impl BrokerActor {
             max_frame_size,
             registry,
             counters: Arc::default(),
+            subscribed: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -99,15 +102,18 @@ impl Actor for BrokerActor {
         let registry = self.registry.clone();
         let queue = self.host_queue();
         let topic = self.destinations.connections_topic();
-        for destination in [queue, topic] {
-            let client = client.clone();
-            actix::spawn(async move {
+        let subscribed = self.subscribed.clone();
+        let subscriber = client.clone();
+        actix::spawn(async move {
+            for destination in [queue, topic] {
                 let subscription = Subscription::new(&destination).with_prefetch(Some(512));
-                if let Err(e) = client.subscribe(subscription).await {
+                if let Err(e) = subscriber.subscribe(subscription).await {
                     log::error!("cannot subscribe to {destination}: {e}");
+                    return;
                 }
-            });
-        }
+            }
+            let _ = subscribed.send(true);
+        });
         let Some(mut events) = self.events.take() else {
             return;
         };
@@ -162,6 +168,28 @@ impl Actor for BrokerActor {
                 }
             }
         });
+    }
+}
+
+/// Waits (up to `timeout`) until the host's subscriptions are confirmed, so that
+/// guests started after the engine are heard from their first HELLO. Answers
+/// whether they were; a broker that is down only delays them.
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct WaitSubscribed {
+    pub timeout: std::time::Duration,
+}
+
+impl Handler<WaitSubscribed> for BrokerActor {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, msg: WaitSubscribed, _ctx: &mut Context<Self>) -> Self::Result {
+        let mut subscribed = self.subscribed.subscribe();
+        Box::pin(async move {
+            tokio::time::timeout(msg.timeout, subscribed.wait_for(|done| *done))
+                .await
+                .is_ok_and(|waited| waited.is_ok())
+        })
     }
 }
 

@@ -195,6 +195,12 @@ impl Engine {
         let (events, _) = tokio::sync::broadcast::channel(4096);
         let registry = registry::Registry::new(config, store.clone(), events.clone()).start();
         registry.send(registry::Boot).await??;
+        // Be listening before callers start guests, so their first HELLO is heard; a
+        // broker that is down only delays this (the session keeps trying).
+        let timeout = Duration::from_secs(10);
+        if !registry.send(registry::WaitSubscribed { timeout }).await? {
+            log::warn!("the broker has not confirmed the host's subscriptions within {timeout:?}; going on");
+        }
         Ok(Engine {
             registry,
             store,

@@ -359,6 +359,32 @@ impl Handler<Boot> for Registry {
     }
 }
 
+/// Waits until the broker session's subscriptions are confirmed (bounded).
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct WaitSubscribed {
+    pub timeout: Duration,
+}
+
+impl Handler<WaitSubscribed> for Registry {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, msg: WaitSubscribed, _ctx: &mut Context<Self>) -> Self::Result {
+        let broker = self.broker.clone();
+        Box::pin(async move {
+            match broker {
+                Some(broker) => broker
+                    .send(super::broker::WaitSubscribed {
+                        timeout: msg.timeout,
+                    })
+                    .await
+                    .unwrap_or(false),
+                None => false,
+            }
+        })
+    }
+}
+
 /// A message from a guest, decoded by the broker actor.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
