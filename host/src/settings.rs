@@ -62,7 +62,8 @@ Settings (TOML file given with --config, or VMC_<KEY> environment variables, whi
   virtual_host     STOMP `host` header; RabbitMQ's vhost (default: /)
   tls_ca_file      PEM CA file trusted for stomp+ssl brokers
   host_id          this host agent's id; replies come to its own queue (default: the hostname)
-  prefix           destination prefix shared with the guests (default: vmc)
+  prefix           destination prefix shared with the guests (default: vmc); QEMU VMs
+                   get it, and beacon_interval, as fw_cfg opt/vmc/prefix, .../beacon_interval
   state_dir        database, VM disks and sockets (default: /var/lib/vmc-host)
   backend          qemu or unmanaged (default: qemu)
   qemu_binary      (default: qemu-system-x86_64)
@@ -222,6 +223,9 @@ impl RawSettings {
                 }
                 qemu.accel = accel;
                 qemu.broker_forward = Some((address.host.clone(), address.port));
+                // The guests must use this agent's destinations and beacon interval.
+                qemu.guest_prefix = Some(prefix.to_owned());
+                qemu.guest_beacon_interval = Some(Duration::from_secs_f64(beacon));
                 Arc::new(Qemu::new(qemu).map_err(SettingsError::Qemu)?)
             }
             other => {

@@ -121,12 +121,12 @@ impl PresenceTracker {
 
     /// The VM was paused or resumed: silence is expected while paused.
     pub fn vm_paused(&mut self, paused: bool) {
+        let resumed = self.paused && !paused;
         self.paused = paused;
-        if !paused {
-            // Resumed: give the guest a full interval set before suspecting it.
-            if self.last_heard.is_some() {
-                self.last_heard = Some(Instant::now());
-            }
+        // Only a real pause → run transition restarts the silence clock (the VM actor
+        // reports "running" every second; that must not keep a silent guest alive).
+        if resumed && self.last_heard.is_some() {
+            self.last_heard = Some(Instant::now());
         }
     }
 
@@ -195,6 +195,17 @@ mod tests {
         assert_eq!(p.state(), Presence::Alive);
         p.vm_paused(false);
         assert!(!p.tick(Instant::now() + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_running_vm_reported_again_and_again_does_not_keep_a_silent_guest_alive() {
+        // Regression: the VM actor's tick reports "running" every second.
+        let mut p = PresenceTracker::new(Duration::from_millis(10));
+        p.heard();
+        std::thread::sleep(Duration::from_millis(60));
+        p.vm_paused(false);
+        assert!(p.tick(Instant::now()));
+        assert_eq!(p.state(), Presence::Lost);
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct ImageInfo {
     pub virtual_size: u64,
     #[serde(default)]
     pub snapshots: Vec<ImageSnapshot>,
+    /// The backing file of an overlay, as written in it.
+    #[serde(rename = "backing-filename", default)]
+    pub backing_filename: Option<String>,
 }
 
 /// One internal snapshot, as both `qemu-img info` and QMP `query-block` list it.
@@ -195,6 +198,7 @@ mod tests {
                 date_sec: 1795319746,
             }]
         );
+        assert_eq!(info.backing_filename, None);
     }
 
     #[test]

@@ -6,7 +6,12 @@
 //! networking with `restrict=on`, whose only way out is a `guestfwd` from
 //! `10.0.2.100:<guest_broker_port>` to the broker on the host (each connection
 //! runs `socat` to it), an address also handed to the guest as the fw_cfg string
-//! `opt/vmc/broker`; the serial console appended to `serial.log`. QEMU runs
+//! `opt/vmc/broker` (with, when set, the destination prefix and beacon interval the
+//! guest agent must use, `opt/vmc/prefix` and `opt/vmc/beacon_interval`); the serial
+//! console appended to `serial.log`. The caller's image is a disk image file, or a
+//! guest image directory ([`guest_image`], built by `deploy/guest-image/build.sh`):
+//! then the VM boots that image's kernel directly, from its own copies of the
+//! kernel and initramfs, and its overlay is made over the image's disk. QEMU runs
 //! daemonized ([`process`]) with `-S -no-shutdown`: it survives a restart of the
 //! host agent, and a guest that powers itself off leaves QEMU in the `shutdown`
 //! state, which `state()` sees, reports as PoweredOff and ends. Every
@@ -25,6 +30,7 @@
 //! start boots, even if the snapshot holds memory.
 
 pub mod accel;
+pub mod guest_image;
 pub mod image;
 pub mod process;
 pub mod qmp;
@@ -42,6 +48,7 @@ use sha2::{Digest, Sha256};
 pub use self::accel::{AccelMode, Accelerator};
 
 use self::accel::AccelChoice;
+use self::guest_image::GuestImage;
 use self::image::{ImageSnapshot, QemuImg};
 use self::process::ProcessId;
 use self::qmp::{QmpClient, QmpError};
@@ -57,6 +64,10 @@ pub const GUEST_BROKER_ADDRESS: &str = "10.0.2.100";
 /// The fw_cfg entry holding `<address>:<port>` of the broker, read in the guest at
 /// `/sys/firmware/qemu_fw_cfg/by_name/opt/vmc/broker/raw`.
 pub const FW_CFG_BROKER: &str = "opt/vmc/broker";
+/// The fw_cfg entry holding the destination prefix the guest agent must use.
+pub const FW_CFG_PREFIX: &str = "opt/vmc/prefix";
+/// The fw_cfg entry holding the guest agent's beacon interval, in seconds.
+pub const FW_CFG_BEACON_INTERVAL: &str = "opt/vmc/beacon_interval";
 /// The block node of the VM's disk (QMP snapshot jobs name it).
 const DISK_NODE: &str = "disk0";
 /// The longest path a unix socket address holds (`sun_path` less its NUL).
@@ -75,6 +86,12 @@ pub struct QemuSettings {
     pub broker_forward: Option<(String, u16)>,
     /// The port the guest connects to at [`GUEST_BROKER_ADDRESS`].
     pub guest_broker_port: u16,
+    /// The destination prefix handed to the guest (fw_cfg [`FW_CFG_PREFIX`]): the
+    /// host agent's own, so its guests and it talk on the same destinations.
+    pub guest_prefix: Option<String>,
+    /// The beacon interval handed to the guest (fw_cfg [`FW_CFG_BEACON_INTERVAL`]):
+    /// the one the host agent's presence tracking expects.
+    pub guest_beacon_interval: Option<Duration>,
     /// Size of the empty disk of a VM created without an image.
     pub blank_disk_bytes: u64,
     /// How long start may take: QEMU's setup plus a restore from saved state.
@@ -99,6 +116,8 @@ impl QemuSettings {
             accel: AccelMode::Auto,
             broker_forward: Some(("127.0.0.1".into(), 61613)),
             guest_broker_port: 61613,
+            guest_prefix: None,
+            guest_beacon_interval: None,
             blank_disk_bytes: 1 << 30,
             start_timeout: Duration::from_secs(60),
             qmp_timeout: Duration::from_secs(10),
@@ -162,6 +181,13 @@ impl Qemu {
                 binary: "socat".into(),
                 message: "not found in PATH (the guest's forward to the broker runs it)".into(),
             })?;
+        }
+        if let Some(prefix) = &settings.guest_prefix {
+            if prefix.is_empty() || prefix.chars().any(char::is_control) {
+                return Err(QemuSetupError::Invalid(format!(
+                    "guest_prefix {prefix:?} must be non-empty, without control characters"
+                )));
+            }
         }
         if settings.guest_broker_port == 0 {
             return Err(QemuSetupError::Invalid(
@@ -453,6 +479,10 @@ impl Qemu {
             format!("driver=qcow2,file={DISK_NODE}-file,node-name={DISK_NODE}"),
             "-device".into(),
             format!("virtio-blk-pci,drive={DISK_NODE},id={DISK_NODE}-dev"),
+            // Entropy from the host: without it a quiet guest under TCG may wait
+            // minutes for its kernel's random pool, and every getrandom() with it.
+            "-device".into(),
+            "virtio-rng-pci".into(),
         ]);
         let mut netdev = "user,id=net0,restrict=on".to_owned();
         let guest_port = self.settings.guest_broker_port;
@@ -463,6 +493,22 @@ impl Qemu {
             args.extend([
                 "-fw_cfg".into(),
                 format!("name={FW_CFG_BROKER},string={GUEST_BROKER_ADDRESS}:{guest_port}"),
+            ]);
+        }
+        if let Some(prefix) = &self.settings.guest_prefix {
+            args.extend([
+                "-fw_cfg".into(),
+                // QEMU's option syntax: a comma in a value is written twice.
+                format!("name={FW_CFG_PREFIX},string={}", prefix.replace(',', ",,")),
+            ]);
+        }
+        if let Some(interval) = self.settings.guest_beacon_interval {
+            args.extend([
+                "-fw_cfg".into(),
+                format!(
+                    "name={FW_CFG_BEACON_INTERVAL},string={}",
+                    interval.as_secs_f64()
+                ),
             ]);
         }
         args.extend([
@@ -647,7 +693,7 @@ impl Qemu {
             })
     }
 
-    fn validate_spec(&self, spec: &VmSpec) -> Result<String, HypervisorError> {
+    fn validate_spec(&self, spec: &VmSpec) -> Result<CheckedSpec, HypervisorError> {
         let invalid = |message: String| Err(HypervisorError::InvalidSpec(message));
         let name_ok = !spec.name.is_empty()
             && spec.name.len() <= 64
@@ -682,24 +728,84 @@ impl Qemu {
         if spec.kernel.is_none() && (spec.initrd.is_some() || spec.kernel_args.is_some()) {
             return invalid("an initrd or kernel arguments need a kernel".into());
         }
+        let guest_image = match &spec.image {
+            Some(dir) if GuestImage::is_image_dir(dir) => {
+                if spec.kernel.is_some() || spec.initrd.is_some() || spec.kernel_args.is_some() {
+                    return invalid(format!(
+                        "the guest image {} brings its own kernel, initramfs and command line: \
+                         give no kernel, initrd or kernel arguments with it",
+                        dir.display()
+                    ));
+                }
+                let image = GuestImage::open(dir).map_err(|e| {
+                    HypervisorError::InvalidSpec(format!(
+                        "the guest image {}: {}",
+                        dir.display(),
+                        error_chain(&e)
+                    ))
+                })?;
+                check_option_safe(&image.disk)
+                    .map_err(|e| HypervisorError::InvalidSpec(format!("the image's disk: {e}")))?;
+                Some(image)
+            }
+            Some(path) if !path.is_file() => {
+                return invalid(format!(
+                    "the image {} is not a file or a guest image directory (one with a {})",
+                    path.display(),
+                    guest_image::MANIFEST
+                ));
+            }
+            _ => None,
+        };
         for (what, path) in [
             ("image", &spec.image),
             ("kernel", &spec.kernel),
             ("initrd", &spec.initrd),
         ] {
             if let Some(path) = path {
-                if !path.is_file() {
+                if what != "image" && !path.is_file() {
                     return invalid(format!("the {what} {} is not a file", path.display()));
                 }
                 check_option_safe(path)
                     .map_err(|e| HypervisorError::InvalidSpec(format!("the {what}: {e}")))?;
             }
         }
-        match &spec.mac {
-            Some(mac) => parse_mac(mac).map_err(HypervisorError::InvalidSpec),
-            None => Ok(mac_for_name(&spec.name)),
-        }
+        let mac = match &spec.mac {
+            Some(mac) => parse_mac(mac).map_err(HypervisorError::InvalidSpec)?,
+            None => mac_for_name(&spec.name),
+        };
+        Ok(CheckedSpec { mac, guest_image })
     }
+
+    /// Makes `disk` a qcow2 overlay over `backing` (a file; its format probed).
+    fn create_overlay(
+        &self,
+        vm: &VmDefinition,
+        disk: &Path,
+        backing: &Path,
+    ) -> Result<(), HypervisorError> {
+        let backing = fs::canonicalize(backing).map_err(|source| HypervisorError::Io {
+            vm: vm.spec.name.clone(),
+            operation: "createVM",
+            source,
+        })?;
+        let info = self
+            .img
+            .info(&backing)
+            .map_err(|e| failed(vm, "createVM", e))?;
+        self.img
+            .create_overlay(disk, &backing, &info.format)
+            .map_err(|e| failed(vm, "createVM", e))
+    }
+}
+
+/// A spec that passed [`Qemu::validate_spec`].
+#[derive(Debug)]
+struct CheckedSpec {
+    /// The NIC's MAC, upper-case: the given one or one made from the name.
+    mac: String,
+    /// The guest image directory the spec's image names, if it names one.
+    guest_image: Option<GuestImage>,
 }
 
 /// The MAC of a VM named `name` that was given none: `52:54:00` (QEMU's prefix)
@@ -826,12 +932,20 @@ impl Hypervisor for Qemu {
     }
 
     fn create(&self, spec: &VmSpec) -> Result<VmDefinition, HypervisorError> {
-        let mac = self.validate_spec(spec)?;
+        let checked = self.validate_spec(spec)?;
         let dir = self.vms_dir().join(&spec.name);
+        let vm_dir = VmDir::new(&dir);
+        let mut stored = spec.clone();
+        if let Some(image) = &checked.guest_image {
+            // Direct boot from the VM's own copies (made below).
+            stored.kernel = Some(vm_dir.kernel());
+            stored.initrd = Some(vm_dir.initramfs());
+            stored.kernel_args = Some(image.cmdline.clone());
+        }
         let vm = VmDefinition {
-            spec: spec.clone(),
+            spec: stored,
             backend: NAME.into(),
-            mac,
+            mac: checked.mac,
             dir: dir.clone(),
         };
         match fs::create_dir(&dir) {
@@ -851,24 +965,23 @@ impl Hypervisor for Qemu {
                 })
             }
         }
-        let disk = VmDir::new(&dir).disk();
-        let made = match &spec.image {
-            Some(image) => fs::canonicalize(image)
-                .map_err(|source| HypervisorError::Io {
+        let disk = vm_dir.disk();
+        let made = match (&checked.guest_image, &spec.image) {
+            (Some(image), _) => [
+                (&image.kernel, vm_dir.kernel()),
+                (&image.initramfs, vm_dir.initramfs()),
+            ]
+            .into_iter()
+            .try_for_each(|(from, to)| {
+                guest_image::link_or_copy(from, &to).map_err(|source| HypervisorError::Io {
                     vm: spec.name.clone(),
                     operation: "createVM",
                     source,
                 })
-                .and_then(|image| {
-                    let info = self
-                        .img
-                        .info(&image)
-                        .map_err(|e| failed(&vm, "createVM", e))?;
-                    self.img
-                        .create_overlay(&disk, &image, &info.format)
-                        .map_err(|e| failed(&vm, "createVM", e))
-                }),
-            None => self
+            })
+            .and_then(|()| self.create_overlay(&vm, &disk, &image.disk)),
+            (None, Some(image)) => self.create_overlay(&vm, &disk, image),
+            (None, None) => self
                 .img
                 .create_blank(&disk, self.settings.blank_disk_bytes)
                 .map_err(|e| failed(&vm, "createVM", e)),
@@ -1428,6 +1541,108 @@ mod tests {
             .validate_spec(&spec)
             .unwrap_err()
             .to_string()
-            .contains("is not a file"));
+            .contains("is not a file or a guest image directory"));
+        spec.image = Some(dir.path().into());
+        assert!(qemu
+            .validate_spec(&spec)
+            .unwrap_err()
+            .to_string()
+            .contains("is not a file or a guest image directory"));
+    }
+
+    #[test]
+    fn the_guest_learns_the_hosts_prefix_and_beacon_interval() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut qemu = backend(dir.path());
+        qemu.settings.guest_prefix = Some("test,1".into());
+        qemu.settings.guest_beacon_interval = Some(Duration::from_millis(1500));
+        let vm = VmDefinition {
+            spec: VmSpec::new("web-1"),
+            backend: NAME.into(),
+            mac: mac_for_name("web-1"),
+            dir: dir.path().join("vms/web-1"),
+        };
+        let args = qemu.command_line(&vm, false);
+        assert!(args.contains(&"name=opt/vmc/prefix,string=test,,1".to_owned()));
+        assert!(args.contains(&"name=opt/vmc/beacon_interval,string=1.5".to_owned()));
+    }
+
+    /// `qemu-img` of the QEMU install (deploy/qemu/install.sh) makes the overlay.
+    #[test]
+    fn a_guest_image_directory_boots_its_kernel_over_its_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("image");
+        fs::create_dir(&image).expect("mkdir");
+        guest_image::tests::write_image(&image, guest_image::tests::VALID);
+        let qemu = backend(&dir.path().join("state"));
+        fs::create_dir_all(qemu.vms_dir()).expect("mkdir vms");
+
+        let mut spec = VmSpec::new("from-image");
+        spec.image = Some(image.clone());
+        let vm = qemu
+            .create(&spec)
+            .expect("create from a guest image directory");
+
+        let vm_dir = VmDir::new(&vm.dir);
+        assert_eq!(
+            vm.spec.image,
+            Some(image.clone()),
+            "the caller's image is kept"
+        );
+        assert_eq!(vm.spec.kernel, Some(vm_dir.kernel()));
+        assert_eq!(vm.spec.initrd, Some(vm_dir.initramfs()));
+        assert_eq!(vm.spec.kernel_args.as_deref(), Some("console=ttyS0 quiet"));
+        assert_eq!(fs::read(vm_dir.kernel()).expect("kernel copy"), b"kernel");
+        assert_eq!(
+            fs::read(vm_dir.initramfs()).expect("initramfs"),
+            b"initramfs"
+        );
+        let overlay = qemu.img.info(&vm_dir.disk()).expect("qemu-img info");
+        assert_eq!(overlay.format, "qcow2");
+        let backing = fs::canonicalize(image.join("disk.raw")).expect("canonical");
+        assert_eq!(
+            overlay.backing_filename.as_deref(),
+            Some(backing.to_str().expect("utf-8"))
+        );
+        let args = qemu.command_line(&vm, false);
+        let kernel = vm_dir.kernel().to_string_lossy().into_owned();
+        assert!(
+            args.windows(2).any(|w| w == ["-kernel", kernel.as_str()]),
+            "{args:?}"
+        );
+        assert!(args
+            .windows(2)
+            .any(|w| w == ["-append", "console=ttyS0 quiet"]));
+
+        // A rebuilt image does not change what the VM boots.
+        fs::remove_file(image.join("kernel")).expect("rm");
+        fs::write(image.join("kernel"), b"kernel 2").expect("rebuild");
+        assert_eq!(fs::read(vm_dir.kernel()).expect("kernel copy"), b"kernel");
+
+        qemu.remove(&vm).expect("remove");
+        assert!(!vm.dir.exists());
+    }
+
+    #[test]
+    fn a_guest_image_brings_its_own_kernel() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        guest_image::tests::write_image(dir.path(), guest_image::tests::VALID);
+        let qemu = backend(dir.path());
+        let mut spec = VmSpec::new("both");
+        spec.image = Some(dir.path().into());
+        spec.kernel = Some(dir.path().join("kernel"));
+        let error = qemu.validate_spec(&spec).expect_err("kernel and image dir");
+        assert!(
+            error.to_string().contains("brings its own kernel"),
+            "{error}"
+        );
+
+        spec.kernel = None;
+        fs::write(dir.path().join(guest_image::MANIFEST), "{}").expect("write");
+        let error = qemu.validate_spec(&spec).expect_err("bad manifest");
+        assert!(
+            error.to_string().contains("is not a guest image manifest"),
+            "{error}"
+        );
     }
 }

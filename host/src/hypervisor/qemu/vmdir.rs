@@ -5,7 +5,8 @@
 //! Layout: `disk.qcow2` (the overlay), `qmp.sock`, `qemu.pid` (written by QEMU),
 //! `qemu.log` (QEMU's stderr), `serial.log` (the guest's console, appended across
 //! boots), `saved.state` (a saved VM), `snapshots.json` (snapshot descriptions,
-//! which qcow2 cannot hold), and two records of ours: `running` (pid and start time
+//! which qcow2 cannot hold), `kernel` and `initramfs` (the VM's own copies of a
+//! guest image's boot files, see `guest_image.rs`), and two records of ours: `running` (pid and start time
 //! of the QEMU we launched, written after launch and removed only once we have
 //! seen it stop) and `stopping` (written before we stop it). So: `running` whose
 //! process is gone without `stopping` means QEMU died behind our back (Aborted).
@@ -63,6 +64,14 @@ impl VmDir {
     }
     pub fn disk(&self) -> PathBuf {
         self.dir.join("disk.qcow2")
+    }
+    /// The VM's copy of its guest image's kernel (direct boot).
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("kernel")
+    }
+    /// The VM's copy of its guest image's initramfs.
+    pub fn initramfs(&self) -> PathBuf {
+        self.dir.join("initramfs")
     }
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
