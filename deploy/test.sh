@@ -6,7 +6,9 @@
 # 127.0.0.1:61614), installs QEMU and builds the tiny test guest, then checks
 # formatting, runs clippy with warnings as errors, runs every test of the workspace
 # against those brokers and real QEMU VMs, and finally the API's interoperability
-# tests with Python's standard xmlrpc.client against a real vmc-host process.
+# tests with Python's standard xmlrpc.client against a real vmc-host process, and
+# the end-to-end suite on real QEMU VMs booted from the guest image
+# (deploy/guest-image/build.sh; the first run builds it, ~4 minutes).
 # Brokers started here keep running afterwards (stop them with
 # deploy/brokers/down.sh).
 set -euo pipefail
@@ -43,6 +45,9 @@ fi
 
 step "API interoperability (Python's standard clients against a real vmc-host)"
 bash tests/python/run.sh
+
+step "end to end on real QEMU VMs (guest image, vmc-host with the QEMU backend, xmlrpc.client)"
+bash tests/vm/run.sh
 
 step "benchmarks, short mode (checks that they run; figures are in BENCHMARKS.md)"
 cargo run --locked -p vmc-bench -- --short
