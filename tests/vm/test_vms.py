@@ -341,6 +341,12 @@ class RealVms(unittest.TestCase):
             self.assertEqual(self.vmc.saveState(VM), "Saved")
         self.assertEqual(self.state(), "Saved")
         self.assertFalse(process_runs(pid), f"QEMU {pid} is gone after saveState")
+        # A beacon still in flight when the VM stopped must not make it look alive.
+        seen, end = set(), time.monotonic() + 2.5
+        while time.monotonic() < end:
+            seen.add(self.presence())
+            time.sleep(0.05)
+        self.assertEqual(seen, {"gone"}, "the guest of a Saved VM stays gone")
         with timed("start from the saved state until the guest answers"):
             self.assertEqual(self.vmc.start(VM), "Running")
             boot_after, after = self.guest.boot()

@@ -24,11 +24,11 @@ use crate::store::{
 };
 use actix::prelude::*;
 use chrono::Utc;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use vmc_protocol::glob::glob_match;
 use vmc_protocol::identity::GuestId;
 use vmc_protocol::words::{CommandSpec, Envelope, FileErrorCode, Message as Word};
@@ -40,6 +40,8 @@ pub struct Registry {
     unmanaged: Arc<dyn Hypervisor>,
     broker: Option<Addr<BrokerActor>>,
     vms: HashMap<String, Addr<VmActor>>,
+    /// Each VM's published view, by name (listings read these, not the actors).
+    views: BTreeMap<String, watch::Receiver<VmView>>,
     /// Guest id → VM name.
     ids: HashMap<String, String>,
     commands: HashMap<String, Addr<CommandActor>>,
@@ -65,6 +67,7 @@ impl Registry {
             unmanaged: Arc::new(Unmanaged),
             broker: None,
             vms: HashMap::new(),
+            views: BTreeMap::new(),
             ids: HashMap::new(),
             commands: HashMap::new(),
             transfers: HashMap::new(),
@@ -89,18 +92,27 @@ impl Registry {
 
     fn start_vm_actor(&mut self, record: &VmRecord) {
         let hypervisor = self.hypervisor_for(&record.backend);
-        let (store, beacon, rec) = (
+        let actor = VmActor::new(
+            record,
+            hypervisor,
             self.store.clone(),
             self.config.beacon_interval,
-            record.clone(),
+            self.events.clone(),
         );
-        let events = self.events.clone();
-        let addr =
-            Supervisor::start(move |_| VmActor::new(&rec, hypervisor, store, beacon, events));
+        self.views
+            .insert(record.name.clone(), actor.view_receiver());
+        let addr = Supervisor::start(move |_| actor);
         if let Some(id) = &record.id {
             self.ids.insert(id.clone(), record.name.clone());
         }
         self.vms.insert(record.name.clone(), addr);
+    }
+
+    fn view(&self, vm: &str) -> Result<VmView, EngineError> {
+        self.views
+            .get(vm)
+            .map(|view| view.borrow().clone())
+            .ok_or_else(|| EngineError::UnknownVm(vm.to_owned()))
     }
 
     fn vm_addr(&self, vm: &str) -> Result<Addr<VmActor>, EngineError> {
@@ -131,28 +143,47 @@ impl Registry {
         &mut self,
         vm: &str,
         spec: CommandSpec,
-        fanout_id: Option<String>,
         ctx: &mut Context<Self>,
+    ) -> Result<CommandRecord, EngineError> {
+        let record = self.new_command(vm, spec, None)?;
+        self.store.insert_command(&record)?;
+        self.launch_command(&record, ctx)?;
+        Ok(record)
+    }
+
+    /// A new command's record (not stored yet).
+    fn new_command(
+        &self,
+        vm: &str,
+        spec: CommandSpec,
+        fanout_id: Option<String>,
     ) -> Result<CommandRecord, EngineError> {
         if spec.cmd.is_empty() {
             return Err(EngineError::BadArgument("the command is empty".into()));
         }
         let guest_id = self.guest_id_of(vm)?;
-        let mut record =
-            CommandRecord::new(new_id("cmd"), Some(vm), guest_id.clone(), spec, Utc::now());
+        let mut record = CommandRecord::new(new_id("cmd"), Some(vm), guest_id, spec, Utc::now());
         record.fanout_id = fanout_id;
-        self.store.insert_command(&record)?;
+        Ok(record)
+    }
+
+    /// Starts the actor of a stored command (it sends `CMD_RUN`).
+    fn launch_command(
+        &mut self,
+        record: &CommandRecord,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), EngineError> {
         let actor = CommandActor::new(
-            &record,
+            record,
             self.store.clone(),
             self.broker()?,
-            self.guest_queue(&guest_id)?,
+            self.guest_queue(&record.guest_id)?,
             false,
             ctx.address().recipient(),
             self.events.clone(),
         );
         self.commands.insert(record.cmd_id.clone(), actor.start());
-        Ok(record)
+        Ok(())
     }
 
     /// The VM of an unmanaged guest seen for the first time.
@@ -443,15 +474,9 @@ impl Handler<CreateVm> for Registry {
                 let record = VmRecord::from_definition(&definition, Utc::now());
                 act.store.put_vm(&record)?;
                 act.start_vm_actor(&record);
-                act.vm_addr(&name)
+                act.view(&name)
             })();
-            async move {
-                match outcome {
-                    Ok(addr) => Ok(addr.send(vm::GetView).await?),
-                    Err(e) => Err(e),
-                }
-            }
-            .into_actor(act)
+            actix::fut::ready(outcome)
         }))
     }
 }
@@ -489,6 +514,7 @@ impl Handler<RemoveVm> for Registry {
             done?;
             act.store.remove_vm(&name)?;
             act.vms.remove(&name);
+            act.views.remove(&name);
             act.ids.retain(|_, n| *n != name);
             Ok(())
         }))
@@ -523,8 +549,8 @@ impl Handler<GetVm> for Registry {
     type Result = ResponseFuture<Result<VmView, EngineError>>;
 
     fn handle(&mut self, msg: GetVm, _ctx: &mut Context<Self>) -> Self::Result {
-        let addr = self.vm_addr(&msg.vm);
-        Box::pin(async move { Ok(addr?.send(vm::GetView).await?) })
+        let view = self.view(&msg.vm);
+        Box::pin(async move { view })
     }
 }
 
@@ -537,19 +563,8 @@ impl Handler<ListVms> for Registry {
     type Result = ResponseFuture<Result<Vec<VmView>, EngineError>>;
 
     fn handle(&mut self, _msg: ListVms, _ctx: &mut Context<Self>) -> Self::Result {
-        let mut addrs: Vec<(String, Addr<VmActor>)> = self
-            .vms
-            .iter()
-            .map(|(n, a)| (n.clone(), a.clone()))
-            .collect();
-        addrs.sort_by(|a, b| a.0.cmp(&b.0));
-        Box::pin(async move {
-            let mut views = Vec::with_capacity(addrs.len());
-            for (_, addr) in addrs {
-                views.push(addr.send(vm::GetView).await?);
-            }
-            Ok(views)
-        })
+        let views = self.views.values().map(|v| v.borrow().clone()).collect();
+        Box::pin(async move { Ok(views) })
     }
 }
 
@@ -614,7 +629,7 @@ impl Handler<RunCommand> for Registry {
 
     fn handle(&mut self, msg: RunCommand, ctx: &mut Context<Self>) -> Self::Result {
         self.vm_addr(&msg.vm)?;
-        Ok(self.start_command(&msg.vm, msg.spec, None, ctx)?.cmd_id)
+        Ok(self.start_command(&msg.vm, msg.spec, ctx)?.cmd_id)
     }
 }
 
@@ -630,19 +645,18 @@ impl Handler<RunMulticast> for Registry {
     type Result = Result<FanoutView, EngineError>;
 
     fn handle(&mut self, msg: RunMulticast, ctx: &mut Context<Self>) -> Self::Result {
-        let mut targets: Vec<String> = self
+        // Names that match, and names whose guest id matches.
+        let mut targets: BTreeSet<&String> = self
             .vms
             .keys()
-            .filter(|name| {
-                glob_match(&msg.glob, name)
-                    || self
-                        .ids
-                        .iter()
-                        .any(|(id, n)| n == *name && glob_match(&msg.glob, id))
-            })
-            .cloned()
+            .filter(|name| glob_match(&msg.glob, name))
             .collect();
-        targets.sort();
+        targets.extend(
+            self.ids
+                .iter()
+                .filter(|(id, name)| self.vms.contains_key(*name) && glob_match(&msg.glob, id))
+                .map(|(_, name)| name),
+        );
         if targets.is_empty() {
             return Err(EngineError::BadArgument(format!(
                 "no VM matches {:?}",
@@ -650,27 +664,44 @@ impl Handler<RunMulticast> for Registry {
             )));
         }
         let fanout_id = new_id("fan");
-        let mut commands = Vec::with_capacity(targets.len());
-        for vm in targets {
-            match self.start_command(&vm, msg.spec.clone(), Some(fanout_id.clone()), ctx) {
-                Ok(record) => commands.push(record),
-                Err(e) => {
-                    // A partial failure: record it as a failed command of the fan-out.
-                    let mut record = CommandRecord::new(
-                        new_id("cmd"),
-                        Some(&vm),
-                        String::new(),
-                        msg.spec.clone(),
-                        Utc::now(),
-                    );
-                    record.fanout_id = Some(fanout_id.clone());
-                    record.state = CommandState::Failed;
-                    record.error = Some(e.to_string());
-                    if let Err(e) = self.store.insert_command(&record) {
-                        log::error!("cannot record a failed fan-out target: {e}");
-                    }
-                    commands.push(record);
+        // One record per target, stored in one transaction (one flush to disk for the
+        // whole fan-out); a target that cannot take a command is recorded as failed.
+        let mut commands: Vec<CommandRecord> = targets
+            .into_iter()
+            .map(|vm| {
+                self.new_command(vm, msg.spec.clone(), Some(fanout_id.clone()))
+                    .unwrap_or_else(|e| {
+                        let mut record = CommandRecord::new(
+                            new_id("cmd"),
+                            Some(vm),
+                            String::new(),
+                            msg.spec.clone(),
+                            Utc::now(),
+                        );
+                        record.fanout_id = Some(fanout_id.clone());
+                        record.state = CommandState::Failed;
+                        record.error = Some(e.to_string());
+                        record
+                    })
+            })
+            .collect();
+        self.store.insert_commands(&commands)?;
+        for record in &mut commands {
+            if record.state == CommandState::Failed {
+                continue;
+            }
+            if let Err(e) = self.launch_command(record, ctx) {
+                let why = e.to_string();
+                if let Err(e) = self.store.set_command_state(
+                    &record.cmd_id,
+                    CommandState::Failed,
+                    Utc::now(),
+                    Some(&why),
+                ) {
+                    log::error!("cannot record a failed fan-out target: {e}");
                 }
+                record.state = CommandState::Failed;
+                record.error = Some(why);
             }
         }
         Ok(FanoutView {

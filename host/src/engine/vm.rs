@@ -16,6 +16,7 @@ use crate::store::{Store, VmRecord};
 use actix::prelude::*;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use vmc_protocol::words::{GuestInfo, Message as Word};
 
 /// A lifecycle operation of the original API.
@@ -74,6 +75,9 @@ pub struct VmActor {
     /// A lifecycle operation is in progress: the tick leaves the state alone.
     busy: bool,
     events: EventSender,
+    /// The caller's view, republished after every change: readers (the registry's
+    /// listings) never queue behind this actor's mailbox.
+    published: watch::Sender<VmView>,
 }
 
 impl std::fmt::Debug for VmActor {
@@ -98,36 +102,63 @@ impl VmActor {
             Presence::parse(&record.presence).unwrap_or(Presence::Unknown),
             record.presence_since,
         );
+        let definition = record.definition();
+        let state = VmState::parse(&record.last_state).unwrap_or(VmState::Unknown);
+        let view = view_of(&definition, state, &presence, None);
         VmActor {
-            definition: record.definition(),
+            definition,
             hypervisor,
             store,
-            state: VmState::parse(&record.last_state).unwrap_or(VmState::Unknown),
+            state,
             presence,
             guest: None,
             busy: false,
             events,
+            published: watch::Sender::new(view),
         }
+    }
+
+    /// A receiver of this VM's view, current at every moment.
+    pub fn view_receiver(&self) -> watch::Receiver<VmView> {
+        self.published.subscribe()
     }
 
     fn name(&self) -> &str {
         &self.definition.spec.name
     }
 
-    fn view(&self) -> VmView {
-        VmView {
-            name: self.name().to_owned(),
-            id: self.definition.mac.clone(),
-            backend: self.definition.backend.clone(),
-            state: self.state,
-            presence: self.presence.state(),
-            presence_since: self.presence.since(),
-            last_heard: self.presence.last_heard_at(),
-            guest: self.guest.clone(),
-        }
+    /// Republishes the view if anything in it changed.
+    fn publish(&self) {
+        let view = view_of(
+            &self.definition,
+            self.state,
+            &self.presence,
+            self.guest.as_ref(),
+        );
+        self.published.send_if_modified(|published| {
+            if *published == view {
+                false
+            } else {
+                *published = view;
+                true
+            }
+        });
+    }
+
+    /// Whether the VM is known to be off with no operation under way (a start in
+    /// progress may already let the guest speak): a guest message now is a late one,
+    /// sent just before a save or power-off, and says nothing about presence.
+    fn is_off(&self) -> bool {
+        self.is_managed()
+            && !self.busy
+            && matches!(
+                self.state,
+                VmState::PoweredOff | VmState::Saved | VmState::Aborted
+            )
     }
 
     fn persist(&self) {
+        self.publish();
         let _ = self.events.send(EngineEvent::Vm {
             vm: self.name().to_owned(),
             state: self.state,
@@ -170,6 +201,24 @@ impl VmActor {
 
     fn is_managed(&self) -> bool {
         self.definition.backend != crate::hypervisor::unmanaged::NAME
+    }
+}
+
+fn view_of(
+    definition: &VmDefinition,
+    state: VmState,
+    presence: &PresenceTracker,
+    guest: Option<&GuestInfo>,
+) -> VmView {
+    VmView {
+        name: definition.spec.name.clone(),
+        id: definition.mac.clone(),
+        backend: definition.backend.clone(),
+        state,
+        presence: presence.state(),
+        presence_since: presence.since(),
+        last_heard: presence.last_heard_at(),
+        guest: guest.cloned(),
     }
 }
 
@@ -222,6 +271,7 @@ impl Supervised for VmActor {
             Err(e) => log::error!("cannot reload VM {}: {e}", self.name()),
         }
         self.busy = false;
+        self.publish();
     }
 }
 
@@ -318,6 +368,9 @@ impl Handler<Heard> for VmActor {
     type Result = ();
 
     fn handle(&mut self, _msg: Heard, _ctx: &mut Context<Self>) {
+        if self.is_off() {
+            return;
+        }
         if self.presence.heard() {
             log::info!(
                 "VM {}: guest {}",
@@ -325,6 +378,8 @@ impl Handler<Heard> for VmActor {
                 self.presence.state().as_str()
             );
             self.persist();
+        } else {
+            self.publish();
         }
     }
 }
@@ -340,6 +395,14 @@ impl Handler<GuestSaid> for VmActor {
     type Result = ();
 
     fn handle(&mut self, msg: GuestSaid, _ctx: &mut Context<Self>) {
+        if self.is_off() {
+            log::debug!(
+                "VM {}: ignoring a guest message that arrived while the VM is {}",
+                self.name(),
+                self.state
+            );
+            return;
+        }
         let changed = match msg.word {
             Word::Bye { .. } => self.presence.bye(),
             Word::Hello(info) => {
@@ -355,20 +418,9 @@ impl Handler<GuestSaid> for VmActor {
                 self.presence.state().as_str()
             );
             self.persist();
+        } else {
+            self.publish();
         }
-    }
-}
-
-/// The caller's view of this VM.
-#[derive(Debug, Message)]
-#[rtype(result = "VmView")]
-pub struct GetView;
-
-impl Handler<GetView> for VmActor {
-    type Result = MessageResult<GetView>;
-
-    fn handle(&mut self, _msg: GetView, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.view())
     }
 }
 
@@ -438,6 +490,7 @@ impl Handler<Crash> for VmActor {
         log::warn!("VM actor {} told to crash", self.name());
         self.state = VmState::Unknown;
         self.guest = None;
+        self.publish();
         ctx.stop();
     }
 }
