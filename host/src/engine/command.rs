@@ -14,6 +14,7 @@
 //! for late duplicates, then stops; the registry answers from the store after that.
 
 use super::broker::{BrokerActor, Publish};
+use super::flush::Flusher;
 use super::{EngineError, EngineEvent, EventSender};
 use crate::store::{CommandRecord, CommandState, Store};
 use actix::prelude::*;
@@ -51,6 +52,7 @@ pub fn final_state(result: &CommandResult) -> CommandState {
 pub struct CommandActor {
     cmd_id: String,
     store: Arc<Store>,
+    flusher: Flusher,
     broker: Addr<BrokerActor>,
     guest_queue: String,
     guest_id: String,
@@ -81,25 +83,26 @@ pub struct CommandStopped {
 }
 
 impl CommandActor {
-    /// An actor for the stored command `record`; `recovering` re-sends `CMD_RUN`
-    /// for a command that was in flight when the host stopped.
+    /// An actor for the stored command `record`, which must already be flushed to
+    /// disk (it sends `CMD_RUN` at once).
     pub fn new(
         record: &CommandRecord,
         store: Arc<Store>,
+        flusher: Flusher,
         broker: Addr<BrokerActor>,
         guest_queue: String,
-        recovering: bool,
         on_stop: Recipient<CommandStopped>,
         events: EventSender,
     ) -> CommandActor {
         CommandActor {
             cmd_id: record.cmd_id.clone(),
             store,
+            flusher,
             broker,
             guest_queue,
             guest_id: record.guest_id.clone(),
             spec: record.spec.clone(),
-            recovering,
+            recovering: false,
             finished: false,
             live: None,
             waiters: Vec::new(),
@@ -108,6 +111,13 @@ impl CommandActor {
             events,
             vm: record.vm.clone(),
         }
+    }
+
+    /// For a command that was in flight when the host stopped: `CMD_RUN` is sent
+    /// again (the guest runs an id at most once) and the state is left as stored.
+    pub fn recovering(mut self) -> CommandActor {
+        self.recovering = true;
+        self
     }
 
     fn record(&self) -> Result<CommandRecord, EngineError> {
@@ -173,15 +183,29 @@ impl CommandActor {
                 return;
             }
         }
-        self.broker.do_send(Publish {
+        self.finish(ctx);
+        // The guest forgets the result on CMD_ACK: only once it is on our disk.
+        let (flusher, broker) = (self.flusher.clone(), self.broker.clone());
+        let ack = Publish {
             destination: self.guest_queue.clone(),
             word: Word::CmdAck {
                 cmd_id: self.cmd_id.clone(),
             },
             to: None,
             confirm: false,
-        });
-        self.finish(ctx);
+        };
+        let cmd_id = self.cmd_id.clone();
+        ctx.spawn(
+            async move {
+                match flusher.flush().await {
+                    Ok(()) => broker.do_send(ack),
+                    Err(e) => log::error!(
+                        "result of command {cmd_id} not acknowledged (the guest keeps it): {e}"
+                    ),
+                }
+            }
+            .into_actor(self),
+        );
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod broker;
 pub mod command;
+pub mod flush;
 pub mod presence;
 pub mod registry;
 pub mod transfer;
@@ -193,7 +194,9 @@ impl Engine {
         })?;
         let store = Arc::new(Store::open(&config.state_dir.join("vmc-host.sqlite"))?);
         let (events, _) = tokio::sync::broadcast::channel(4096);
-        let registry = registry::Registry::new(config, store.clone(), events.clone()).start();
+        let flusher = flush::Flusher::start(store.clone());
+        let registry =
+            registry::Registry::new(config, store.clone(), events.clone(), flusher).start();
         registry.send(registry::Boot).await??;
         // Be listening before callers start guests, so their first HELLO is heard; a
         // broker that is down only delays this (the session keeps trying).

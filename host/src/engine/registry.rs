@@ -14,6 +14,7 @@
 
 use super::broker::{BrokerActor, CloseSession, GetBrokerStatus, Publish};
 use super::command::{self, CommandActor, CommandDetails, CommandStopped};
+use super::flush::Flusher;
 use super::transfer::{self, TransferActor, TransferPlan};
 use super::vm::{self, LifecycleOp, VmActor};
 use super::{new_id, EngineConfig, EngineError, EngineStatus, EventSender, FanoutView, VmView};
@@ -48,6 +49,7 @@ pub struct Registry {
     transfers: HashMap<String, Addr<TransferActor>>,
     pings: HashMap<String, oneshot::Sender<()>>,
     events: EventSender,
+    flusher: Flusher,
 }
 
 impl std::fmt::Debug for Registry {
@@ -60,7 +62,12 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    pub fn new(config: EngineConfig, store: Arc<Store>, events: EventSender) -> Registry {
+    pub fn new(
+        config: EngineConfig,
+        store: Arc<Store>,
+        events: EventSender,
+        flusher: Flusher,
+    ) -> Registry {
         Registry {
             config,
             store,
@@ -73,6 +80,7 @@ impl Registry {
             transfers: HashMap::new(),
             pings: HashMap::new(),
             events,
+            flusher,
         }
     }
 
@@ -139,18 +147,6 @@ impl Registry {
             .ok_or_else(|| EngineError::BadArgument(format!("VM {vm:?} has no guest id (no NIC)")))
     }
 
-    fn start_command(
-        &mut self,
-        vm: &str,
-        spec: CommandSpec,
-        ctx: &mut Context<Self>,
-    ) -> Result<CommandRecord, EngineError> {
-        let record = self.new_command(vm, spec, None)?;
-        self.store.insert_command(&record)?;
-        self.launch_command(&record, ctx)?;
-        Ok(record)
-    }
-
     /// A new command's record (not stored yet).
     fn new_command(
         &self,
@@ -176,14 +172,32 @@ impl Registry {
         let actor = CommandActor::new(
             record,
             self.store.clone(),
+            self.flusher.clone(),
             self.broker()?,
             self.guest_queue(&record.guest_id)?,
-            false,
             ctx.address().recipient(),
             self.events.clone(),
         );
         self.commands.insert(record.cmd_id.clone(), actor.start());
         Ok(())
+    }
+
+    /// Starts the actor of a stored command; if it cannot be started (no broker
+    /// session), records the command as failed, with why.
+    fn launch_or_fail(&mut self, record: &mut CommandRecord, ctx: &mut Context<Self>) {
+        if let Err(e) = self.launch_command(record, ctx) {
+            let why = e.to_string();
+            if let Err(e) = self.store.set_command_state(
+                &record.cmd_id,
+                CommandState::Failed,
+                Utc::now(),
+                Some(&why),
+            ) {
+                log::error!("cannot record that command {} failed: {e}", record.cmd_id);
+            }
+            record.state = CommandState::Failed;
+            record.error = Some(why);
+        }
     }
 
     /// The VM of an unmanaged guest seen for the first time.
@@ -322,17 +336,24 @@ impl Registry {
                     log::error!("cannot store the result of {cmd_id}: {e}");
                     return;
                 }
-                let Ok(queue) = self.guest_queue(&record.guest_id) else {
+                let (Ok(queue), Ok(broker)) = (self.guest_queue(&record.guest_id), self.broker())
+                else {
                     return;
                 };
-                if let Ok(broker) = self.broker() {
-                    broker.do_send(Publish {
-                        destination: queue,
-                        word: Word::CmdAck { cmd_id },
-                        to: None,
-                        confirm: false,
-                    });
-                }
+                let flusher = self.flusher.clone();
+                actix::spawn(async move {
+                    match flusher.flush().await {
+                        Ok(()) => broker.do_send(Publish {
+                            destination: queue,
+                            word: Word::CmdAck { cmd_id },
+                            to: None,
+                            confirm: false,
+                        }),
+                        Err(e) => log::error!(
+                            "result of command {cmd_id} not acknowledged (the guest keeps it): {e}"
+                        ),
+                    }
+                });
             }
             Ok(None) => {
                 log::warn!("result of unknown command {cmd_id} from {from:?}: kept on the guest")
@@ -378,12 +399,13 @@ impl Handler<Boot> for Registry {
             let actor = CommandActor::new(
                 &record,
                 self.store.clone(),
+                self.flusher.clone(),
                 broker.clone(),
                 queue,
-                true,
                 ctx.address().recipient(),
                 self.events.clone(),
-            );
+            )
+            .recovering();
             self.commands.insert(record.cmd_id.clone(), actor.start());
         }
         Ok(())
@@ -625,11 +647,31 @@ pub struct RunCommand {
 }
 
 impl Handler<RunCommand> for Registry {
-    type Result = Result<String, EngineError>;
+    type Result = ResponseActFuture<Self, Result<String, EngineError>>;
 
-    fn handle(&mut self, msg: RunCommand, ctx: &mut Context<Self>) -> Self::Result {
-        self.vm_addr(&msg.vm)?;
-        Ok(self.start_command(&msg.vm, msg.spec, ctx)?.cmd_id)
+    fn handle(&mut self, msg: RunCommand, _ctx: &mut Context<Self>) -> Self::Result {
+        let record = self.vm_addr(&msg.vm).and_then(|_| {
+            let record = self.new_command(&msg.vm, msg.spec, None)?;
+            self.store.insert_command(&record)?;
+            Ok(record)
+        });
+        let flusher = self.flusher.clone();
+        // On disk before anyone hears of it: the caller (its id) and the guest.
+        let flushed = async move {
+            let record = record?;
+            flusher.flush().await?;
+            Ok::<_, EngineError>(record)
+        };
+        Box::pin(flushed.into_actor(self).map(|record, act, ctx| {
+            let mut record = record?;
+            act.launch_or_fail(&mut record, ctx);
+            match record.error {
+                Some(why) if record.state == CommandState::Failed => {
+                    Err(EngineError::Internal(why))
+                }
+                _ => Ok(record.cmd_id),
+            }
+        }))
     }
 }
 
@@ -642,9 +684,9 @@ pub struct RunMulticast {
 }
 
 impl Handler<RunMulticast> for Registry {
-    type Result = Result<FanoutView, EngineError>;
+    type Result = ResponseActFuture<Self, Result<FanoutView, EngineError>>;
 
-    fn handle(&mut self, msg: RunMulticast, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: RunMulticast, _ctx: &mut Context<Self>) -> Self::Result {
         // Names that match, and names whose guest id matches.
         let mut targets: BTreeSet<&String> = self
             .vms
@@ -658,15 +700,13 @@ impl Handler<RunMulticast> for Registry {
                 .map(|(_, name)| name),
         );
         if targets.is_empty() {
-            return Err(EngineError::BadArgument(format!(
-                "no VM matches {:?}",
-                msg.glob
-            )));
+            let err = EngineError::BadArgument(format!("no VM matches {:?}", msg.glob));
+            return Box::pin(actix::fut::ready(Err(err)));
         }
         let fanout_id = new_id("fan");
-        // One record per target, stored in one transaction (one flush to disk for the
-        // whole fan-out); a target that cannot take a command is recorded as failed.
-        let mut commands: Vec<CommandRecord> = targets
+        // One record per target, stored in one transaction and flushed once; a target
+        // that cannot take a command is recorded as failed.
+        let commands: Vec<CommandRecord> = targets
             .into_iter()
             .map(|vm| {
                 self.new_command(vm, msg.spec.clone(), Some(fanout_id.clone()))
@@ -685,29 +725,25 @@ impl Handler<RunMulticast> for Registry {
                     })
             })
             .collect();
-        self.store.insert_commands(&commands)?;
-        for record in &mut commands {
-            if record.state == CommandState::Failed {
-                continue;
-            }
-            if let Err(e) = self.launch_command(record, ctx) {
-                let why = e.to_string();
-                if let Err(e) = self.store.set_command_state(
-                    &record.cmd_id,
-                    CommandState::Failed,
-                    Utc::now(),
-                    Some(&why),
-                ) {
-                    log::error!("cannot record a failed fan-out target: {e}");
+        let stored = self.store.insert_commands(&commands);
+        let flusher = self.flusher.clone();
+        let flushed = async move {
+            stored?;
+            flusher.flush().await
+        };
+        Box::pin(flushed.into_actor(self).map(move |flushed, act, ctx| {
+            flushed?;
+            let mut commands = commands;
+            for record in &mut commands {
+                if record.state != CommandState::Failed {
+                    act.launch_or_fail(record, ctx);
                 }
-                record.state = CommandState::Failed;
-                record.error = Some(why);
             }
-        }
-        Ok(FanoutView {
-            fanout_id,
-            commands,
-        })
+            Ok(FanoutView {
+                fanout_id,
+                commands,
+            })
+        }))
     }
 }
 

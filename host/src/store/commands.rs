@@ -8,8 +8,9 @@
 //! once a result is stored the command's state no longer changes. Output chunks
 //! (`CMD_OUTPUT`) are kept as they arrive, one row per (command, stream, offset); a
 //! chunk at an offset already stored is ignored, and readers get the contiguous
-//! bytes from an offset, stopping at the first gap. Results and new commands are
-//! committed power-safe, chunks and state changes crash-safe (see [`super`]).
+//! bytes from an offset, stopping at the first gap. Everything is committed
+//! crash-safe; results and new commands become power-safe at the caller's next
+//! [`Store::flush`] (see [`super`]).
 //!
 //! This module does not check transitions between states (the engine drives them),
 //! does not verify chunks against each other (overlapping chunks are read first
@@ -215,9 +216,10 @@ impl Store {
         self.insert_commands(std::slice::from_ref(command))
     }
 
-    /// Stores new commands, all or none (the records of a multicast request).
+    /// Stores new commands, all or none (the records of a multicast request). They
+    /// survive a crash at once and a power cut after [`Store::flush`].
     pub fn insert_commands(&self, commands: &[CommandRecord]) -> Result<(), StoreError> {
-        self.write("store a new command", Durability::PowerSafe, |tx| {
+        self.write("store a new command", Durability::CrashSafe, |tx| {
             for command in commands {
                 insert(tx, command)?;
             }
@@ -343,7 +345,8 @@ impl Store {
     /// time and `error` with the result's. Answers false, changing nothing, if a
     /// result was already stored: the first result wins. A result supersedes a
     /// final state the host set by itself (`lost`, `failed`, ...). When this returns
-    /// the result is on disk, so the host may acknowledge it.
+    /// the result survives a crash; after [`Store::flush`] also a power cut, and only
+    /// then may the host acknowledge it.
     pub fn record_result(
         &self,
         cmd_id: &str,
@@ -367,7 +370,7 @@ impl Store {
             key: cmd_id.to_owned(),
             source,
         })?;
-        self.write("store a command's result", Durability::PowerSafe, |tx| {
+        self.write("store a command's result", Durability::CrashSafe, |tx| {
             let changed = tx
                 .prepare_cached(
                     "UPDATE commands SET result = ?2, state = ?3, finished_at = ?4, error = ?5

@@ -10,13 +10,17 @@
 //! they own: [`vms`] (VMs, snapshots), [`commands`] (commands, results, output
 //! chunks), [`transfers`]; retention ([`Store::prune`]) is here.
 //!
-//! Durability: a write that the host acknowledges to someone else (a command's
-//! result, which a guest deletes once the host sends `CMD_ACK`; a new command, VM
-//! or transfer, whose id an API caller was given; a transfer's end) commits with
-//! `synchronous=FULL` and survives a power cut. Other writes (output chunks,
-//! progress, state changes) commit with `synchronous=NORMAL`: they survive a crash
-//! or `kill -9` of `vmc-host`, but a power cut may lose the last of them, which the
-//! guest re-sends or the engine re-derives. Timestamps are stored as unix
+//! Durability: every write survives a crash or `kill -9` of `vmc-host` once it
+//! returns. A write that the host acknowledges to someone else must also survive a
+//! power cut before that acknowledgement: a new VM or transfer, whose id an API
+//! caller is given, and a transfer's end commit with `synchronous=FULL`; the two
+//! writes on the command path, a new command ([`Store::insert_commands`]) and a
+//! result ([`Store::record_result`]), commit with `synchronous=NORMAL` and the
+//! caller calls [`Store::flush`] before it tells anyone (the engine sends
+//! `CMD_RUN` and answers `runCmd` only after it, and sends `CMD_ACK` only after
+//! it), so that many commands share one flush to disk. Other writes (output
+//! chunks, progress, state changes) are never flushed on purpose: a power cut may
+//! lose the last of them, which the guest re-sends or the engine re-derives. Timestamps are stored as unix
 //! milliseconds, so they come back truncated to the millisecond.
 //!
 //! The store does not decide anything: which state follows which, when to resend
@@ -31,7 +35,9 @@ pub mod vms;
 
 use std::error::Error as StdError;
 use std::ffi::OsStr;
+use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -82,6 +88,12 @@ pub enum StoreError {
         path: PathBuf,
         found: i64,
         known: u32,
+    },
+    #[error("cannot flush the state database's log {path} to disk")]
+    Flush {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("the state database failed to {operation}")]
     Sqlite {
@@ -141,6 +153,8 @@ pub struct PruneReport {
 pub struct Store {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// The write-ahead log, opened by [`Store::flush`] (which never takes `conn`).
+    wal: Mutex<Option<File>>,
 }
 
 /// How a write transaction is committed.
@@ -202,7 +216,53 @@ impl Store {
         Ok(Store {
             path: path.to_owned(),
             conn: Mutex::new(conn),
+            wal: Mutex::new(None),
         })
+    }
+
+    /// Makes every write committed so far survive a power cut, not only a crash of
+    /// this process: `fdatasync` of the write-ahead log, which is exactly what
+    /// `synchronous=FULL` does at each commit, done once for any number of commits.
+    /// It does not take the connection's lock, so other writes go on meanwhile (a
+    /// write that commits during the flush may or may not be covered: flush again).
+    /// Callers batch it: [`crate::engine`] has one flusher task for all its actors.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let mut wal_path = self.path.clone().into_os_string();
+        wal_path.push("-wal");
+        let wal_path = PathBuf::from(wal_path);
+        let failed = |source| StoreError::Flush {
+            path: wal_path.clone(),
+            source,
+        };
+        let mut wal = self.wal.lock().unwrap_or_else(PoisonError::into_inner);
+        // The log is the same file for as long as the connection is open; should it
+        // ever have been replaced, open the new one (a flush of the old is no flush).
+        let current = match std::fs::metadata(&wal_path) {
+            Ok(meta) => Some(meta.ino()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(failed(e)),
+        };
+        let Some(current) = current else {
+            // No log: every commit has been checkpointed into the database file.
+            *wal = None;
+            return File::open(&self.path)
+                .and_then(|db| db.sync_data())
+                .map_err(|source| StoreError::Flush {
+                    path: self.path.clone(),
+                    source,
+                });
+        };
+        let same = match wal.as_ref() {
+            Some(file) => file.metadata().map_err(failed)?.ino() == current,
+            None => false,
+        };
+        if !same {
+            *wal = Some(File::open(&wal_path).map_err(failed)?);
+        }
+        match wal.as_ref() {
+            Some(file) => file.sync_data().map_err(failed),
+            None => Ok(()),
+        }
     }
 
     /// Opens [`DATABASE_FILE`] in the host's state directory `dir`.
