@@ -389,8 +389,16 @@ class RealVms(unittest.TestCase):
             boot_after, _ = self.guest.boot()
         self.assertNotEqual(boot_after, boot_before, "the guest booted again")
         self.assertEqual(self.presence(), "alive")
+        # A command still running when the VM is powered off can never report: the
+        # host ends it as lost, saying why, instead of leaving it running forever.
+        doomed = self.vmc.runCmd(VM, "/bin/sleep", ["600"])
+        wait_until("the sleep to run", lambda: self.vmc.getCmdDetails(doomed)["state"] == "running")
         with timed("powerOff"):
             self.assertEqual(self.vmc.powerOff(VM), "PoweredOff")
+        details = wait_until("the command cut off by powerOff to end",
+                             lambda: (lambda d: d if d["state"] == "lost" else None)(
+                                 self.vmc.getCmdDetails(doomed)), patience=10)
+        self.assertIn("powered off", details["error"])
         self.assertTrue(os.path.isdir(vm_dir(VM)))
         with timed("removeVM"):
             self.assertTrue(self.vmc.removeVM(VM))

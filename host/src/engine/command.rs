@@ -315,6 +315,25 @@ impl Handler<FromGuest> for CommandActor {
     }
 }
 
+/// The command's VM stopped (powered off or its process died): a command still
+/// running there can no longer report. A result that arrives later (the guest's
+/// spool, after the VM boots again) still supersedes this.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct VmStopped {
+    pub why: String,
+}
+
+impl Handler<VmStopped> for CommandActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: VmStopped, ctx: &mut Context<Self>) {
+        if !self.finished {
+            self.end_without_result(CommandState::Lost, &msg.why, ctx);
+        }
+    }
+}
+
 /// Waits for the command's end.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<CommandRecord, EngineError>")]

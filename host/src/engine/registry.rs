@@ -21,7 +21,8 @@ use super::{new_id, EngineConfig, EngineError, EngineStatus, EventSender, Fanout
 use crate::hypervisor::unmanaged::{self, Unmanaged};
 use crate::hypervisor::{Hypervisor, SnapshotInfo, VmSpec, VmState};
 use crate::store::{
-    CommandRecord, CommandState, Store, TransferDirection, TransferRecord, TransferState, VmRecord,
+    CommandQuery, CommandRecord, CommandState, Store, TransferDirection, TransferRecord,
+    TransferState, VmRecord,
 };
 use actix::prelude::*;
 use chrono::Utc;
@@ -98,7 +99,7 @@ impl Registry {
         }
     }
 
-    fn start_vm_actor(&mut self, record: &VmRecord) {
+    fn start_vm_actor(&mut self, record: &VmRecord, ctx: &mut Context<Self>) {
         let hypervisor = self.hypervisor_for(&record.backend);
         let actor = VmActor::new(
             record,
@@ -106,6 +107,7 @@ impl Registry {
             self.store.clone(),
             self.config.beacon_interval,
             self.events.clone(),
+            ctx.address().recipient(),
         );
         self.views
             .insert(record.name.clone(), actor.view_receiver());
@@ -201,7 +203,7 @@ impl Registry {
     }
 
     /// The VM of an unmanaged guest seen for the first time.
-    fn adopt_guest(&mut self, guest_id: &str) -> Result<(), EngineError> {
+    fn adopt_guest(&mut self, guest_id: &str, ctx: &mut Context<Self>) -> Result<(), EngineError> {
         if self.ids.contains_key(guest_id) {
             return Ok(());
         }
@@ -217,12 +219,12 @@ impl Registry {
                 record
             }
         };
-        self.start_vm_actor(&record);
+        self.start_vm_actor(&record, ctx);
         Ok(())
     }
 
     /// Routes one guest message; the future completes once it was handled.
-    fn route(&mut self, envelope: Envelope) -> ResponseFuture<()> {
+    fn route(&mut self, envelope: Envelope, ctx: &mut Context<Self>) -> ResponseFuture<()> {
         let from = envelope.from.clone().unwrap_or_default();
         // Any message from a guest is a sign of life.
         let vm = self
@@ -233,11 +235,11 @@ impl Registry {
         match envelope.message {
             word @ (Word::Hello(_) | Word::StillAlive(_) | Word::Bye { .. }) => {
                 if let Word::Hello(info) = &word {
-                    if let Err(e) = self.adopt_guest(info.id.as_str()) {
+                    if let Err(e) = self.adopt_guest(info.id.as_str(), ctx) {
                         log::error!("cannot adopt guest {}: {e}", info.id);
                     }
                 } else if vm.is_none() && !from.is_empty() {
-                    if let Err(e) = self.adopt_guest(&from) {
+                    if let Err(e) = self.adopt_guest(&from, ctx) {
                         log::warn!("ignoring presence of {from:?}: {e}");
                     }
                 }
@@ -385,7 +387,7 @@ impl Handler<Boot> for Registry {
         .start();
         self.broker = Some(broker.clone());
         for record in self.store.vms()? {
-            self.start_vm_actor(&record);
+            self.start_vm_actor(&record, ctx);
         }
         for record in self.store.unfinished_commands()? {
             let Ok(queue) = self.guest_queue(&record.guest_id) else {
@@ -448,8 +450,8 @@ pub struct Incoming {
 impl Handler<Incoming> for Registry {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, msg: Incoming, _ctx: &mut Context<Self>) -> Self::Result {
-        self.route(msg.envelope)
+    fn handle(&mut self, msg: Incoming, ctx: &mut Context<Self>) -> Self::Result {
+        self.route(msg.envelope, ctx)
     }
 }
 
@@ -490,12 +492,12 @@ impl Handler<CreateVm> for Registry {
         let hypervisor = self.config.hypervisor.clone();
         let create =
             async move { tokio::task::spawn_blocking(move || hypervisor.create(&msg.spec)).await };
-        Box::pin(create.into_actor(self).then(move |created, act, _| {
+        Box::pin(create.into_actor(self).then(move |created, act, ctx| {
             let outcome = (|| {
                 let definition = created.map_err(|e| EngineError::Internal(e.to_string()))??;
                 let record = VmRecord::from_definition(&definition, Utc::now());
                 act.store.put_vm(&record)?;
-                act.start_vm_actor(&record);
+                act.start_vm_actor(&record, ctx);
                 act.view(&name)
             })();
             actix::fut::ready(outcome)
@@ -635,6 +637,45 @@ impl Handler<CrashVm> for Registry {
     fn handle(&mut self, msg: CrashVm, _ctx: &mut Context<Self>) -> Self::Result {
         self.vm_addr(&msg.vm)?.do_send(vm::Crash);
         Ok(())
+    }
+}
+
+impl Handler<vm::VmStopped> for Registry {
+    type Result = ();
+
+    /// Its commands in flight can no longer report: each is marked lost.
+    fn handle(&mut self, msg: vm::VmStopped, _ctx: &mut Context<Self>) {
+        let query = CommandQuery {
+            vm: Some(msg.vm.clone()),
+            states: CommandState::ALL
+                .into_iter()
+                .filter(|s| !s.is_final())
+                .collect(),
+            ..CommandQuery::default()
+        };
+        let commands = match self.store.commands(&query) {
+            Ok(commands) => commands,
+            Err(e) => {
+                log::error!("cannot list the commands of VM {}: {e}", msg.vm);
+                return;
+            }
+        };
+        let why = format!(
+            "the VM {} while the command ran ({}); a result the guest kept may still arrive \
+             when it runs again",
+            if msg.state == VmState::Aborted {
+                "stopped unexpectedly"
+            } else {
+                "was powered off"
+            },
+            msg.state
+        );
+        for record in commands.iter().filter(|c| !c.state.is_final()) {
+            if let Some(actor) = self.commands.get(&record.cmd_id) {
+                log::info!("command {} on VM {} is lost: {why}", record.cmd_id, msg.vm);
+                actor.do_send(command::VmStopped { why: why.clone() });
+            }
+        }
     }
 }
 

@@ -78,6 +78,8 @@ pub struct VmActor {
     /// The caller's view, republished after every change: readers (the registry's
     /// listings) never queue behind this actor's mailbox.
     published: watch::Sender<VmView>,
+    /// Told when the VM stops (its commands in flight are lost).
+    on_stop: Recipient<VmStopped>,
 }
 
 impl std::fmt::Debug for VmActor {
@@ -96,6 +98,7 @@ impl VmActor {
         store: Arc<Store>,
         beacon: Duration,
         events: EventSender,
+        on_stop: Recipient<VmStopped>,
     ) -> VmActor {
         let mut presence = PresenceTracker::new(beacon);
         presence.restore(
@@ -115,6 +118,7 @@ impl VmActor {
             busy: false,
             events,
             published: watch::Sender::new(view),
+            on_stop,
         }
     }
 
@@ -197,6 +201,14 @@ impl VmActor {
             );
             self.persist();
         }
+        // Powered off or died (not saved: a saved VM's commands go on when it
+        // resumes). From Unknown too: a host restart may first see the VM off.
+        if before.0 != state && matches!(state, VmState::PoweredOff | VmState::Aborted) {
+            self.on_stop.do_send(VmStopped {
+                vm: self.name().to_owned(),
+                state,
+            });
+        }
     }
 
     fn is_managed(&self) -> bool {
@@ -273,6 +285,14 @@ impl Supervised for VmActor {
         self.busy = false;
         self.publish();
     }
+}
+
+/// Told to the registry when a VM powers off or its process dies.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct VmStopped {
+    pub vm: String,
+    pub state: VmState,
 }
 
 /// Runs a lifecycle operation; answers the state after it.
