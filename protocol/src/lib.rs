@@ -3,10 +3,12 @@
 //! This crate owns everything that crosses the broker: the STOMP 1.2 client the
 //! agents use ([`stomp`]), the protocol words carried in STOMP bodies ([`words`]),
 //! how destinations (queues and topics) are named ([`destinations`]) and guest
-//! identities ([`identity`]). It knows nothing of actix, HTTP, SQLite or
+//! identities ([`identity`]), and what both agents' `main` share ([`agent_main`]).
+//! It knows nothing of actix, HTTP, SQLite or
 //! hypervisors; agents convert these plain types to their own at the boundary.
 //! `docs/PROTOCOL.md` at the repository root is the normative description.
 
+pub mod agent_main;
 pub mod destinations;
 pub mod glob;
 pub mod identity;

@@ -12,6 +12,7 @@ use super::EngineError;
 use crate::store::Store;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+use vmc_protocol::agent_main::error_chain;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
@@ -62,16 +63,6 @@ impl Flusher {
             )),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text += &format!(": {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
