@@ -19,8 +19,9 @@ step() { printf '\n==> %s\n' "$*"; }
 step "brokers"
 bash deploy/brokers/up.sh
 
-step "QEMU and the tiny test guest"
+step "QEMU, libvirt and the tiny test guest"
 bash deploy/qemu/install.sh
+bash deploy/libvirt/install.sh
 bash deploy/qemu/tiny-guest.sh "${CARGO_TARGET_DIR:-target}/tmp/tiny-guest"
 
 step "cargo fmt --check"

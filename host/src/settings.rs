@@ -9,6 +9,7 @@
 //! `vmc-host --help` prints.
 
 use crate::engine::EngineConfig;
+use crate::hypervisor::libvirt::{Libvirt, LibvirtSettings};
 use crate::hypervisor::qemu::{AccelMode, Qemu, QemuSettings};
 use crate::hypervisor::unmanaged::Unmanaged;
 use crate::hypervisor::Hypervisor;
@@ -30,10 +31,12 @@ pub enum SettingsError {
     Invalid { key: &'static str, reason: String },
     #[error("the QEMU backend cannot start")]
     Qemu(#[source] crate::hypervisor::qemu::QemuSetupError),
+    #[error("the libvirt backend cannot start")]
+    Libvirt(#[source] crate::hypervisor::libvirt::LibvirtSetupError),
 }
 
 /// The keys [`RawSettings`] knows.
-pub const KEYS: [&str; 18] = [
+pub const KEYS: [&str; 19] = [
     "broker",
     "login",
     "passcode",
@@ -46,6 +49,7 @@ pub const KEYS: [&str; 18] = [
     "qemu_binary",
     "qemu_img_binary",
     "accel",
+    "libvirt_uri",
     "beacon_interval",
     "chunk_size",
     "window",
@@ -65,10 +69,12 @@ Settings (TOML file given with --config, or VMC_<KEY> environment variables, whi
   prefix           destination prefix shared with the guests (default: vmc); QEMU VMs
                    get it, and beacon_interval, as fw_cfg opt/vmc/prefix, .../beacon_interval
   state_dir        database, VM disks and sockets (default: /var/lib/vmc-host)
-  backend          qemu or unmanaged (default: qemu)
+  backend          qemu, libvirt or unmanaged (default: qemu); libvirt VMs are domains
+                   named vmc-<host_id>-<name>, of type qemu (TCG), driven with virsh
   qemu_binary      (default: qemu-system-x86_64)
-  qemu_img_binary  (default: qemu-img)
+  qemu_img_binary  (default: qemu-img; the libvirt backend uses it too)
   accel            auto, kvm or tcg: auto tries KVM and falls back to TCG (default: auto)
+  libvirt_uri      the libvirt connection of the libvirt backend (default: qemu:///system)
   beacon_interval  the guests' beacon interval in seconds: presence turns suspect after
                    3 intervals of silence and lost after 4.5 (default: 10)
   chunk_size       file transfer chunk size in bytes (default: 1 MiB)
@@ -94,6 +100,7 @@ pub struct RawSettings {
     pub qemu_binary: Option<PathBuf>,
     pub qemu_img_binary: Option<PathBuf>,
     pub accel: Option<String>,
+    pub libvirt_uri: Option<String>,
     pub beacon_interval: Option<f64>,
     pub chunk_size: Option<u32>,
     pub window: Option<u32>,
@@ -228,10 +235,25 @@ impl RawSettings {
                 qemu.guest_beacon_interval = Some(Duration::from_secs_f64(beacon));
                 Arc::new(Qemu::new(qemu).map_err(SettingsError::Qemu)?)
             }
+            "libvirt" => {
+                // One domain prefix per host agent; host ids may hold ':'.
+                let domain_prefix = format!("vmc-{}-", host_id.as_str().replace(':', "_"));
+                let mut libvirt = LibvirtSettings::new(state_dir.join("libvirt"), domain_prefix);
+                if let Some(uri) = self.libvirt_uri {
+                    libvirt.uri = uri;
+                }
+                if let Some(binary) = self.qemu_img_binary {
+                    libvirt.qemu_img_binary = binary;
+                }
+                libvirt.broker_forward = Some((address.host.clone(), address.port));
+                libvirt.guest_prefix = Some(prefix.to_owned());
+                libvirt.guest_beacon_interval = Some(Duration::from_secs_f64(beacon));
+                Arc::new(Libvirt::new(libvirt).map_err(SettingsError::Libvirt)?)
+            }
             other => {
                 return Err(invalid(
                     "backend",
-                    format!("{other:?} is not qemu or unmanaged"),
+                    format!("{other:?} is not qemu, libvirt or unmanaged"),
                 ))
             }
         };
@@ -359,6 +381,13 @@ mod tests {
         for (raw, key) in cases {
             let err = raw.validate().unwrap_err();
             assert!(err.to_string().contains(key), "{err} should name {key}");
+        }
+    }
+
+    #[test]
+    fn help_explains_every_key() {
+        for key in KEYS {
+            assert!(HELP.contains(key), "HELP does not explain {key}");
         }
     }
 

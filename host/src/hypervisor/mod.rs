@@ -6,11 +6,13 @@
 //! tokio's blocking pool, so a slow hypervisor never stalls an actor's mailbox.
 //! A backend that cannot do something answers [`HypervisorError::NotSupported`]
 //! with a sentence naming the backend and the operation. Backends: [`qemu`] (real,
-//! QMP), [`unmanaged`] (guests that say HELLO without a VM: every lifecycle call is
-//! "not supported"); libvirt and VirtualBox fit behind the same trait.
+//! QMP), [`libvirt`] (domains through `virsh`), [`unmanaged`] (guests that say HELLO
+//! without a VM: every lifecycle call is "not supported"); VirtualBox would fit
+//! behind the same trait.
 //! What a backend does not own: presence (the guest agent's business) and the store
 //! (the registry persists what [`Hypervisor::create`] returns).
 
+pub mod libvirt;
 pub mod qemu;
 pub mod unmanaged;
 

@@ -816,7 +816,7 @@ pub fn mac_for_name(name: &str) -> String {
 }
 
 /// Checks and upper-cases a unicast MAC address `XX:XX:XX:XX:XX:XX`.
-fn parse_mac(mac: &str) -> Result<String, String> {
+pub fn parse_mac(mac: &str) -> Result<String, String> {
     let octets: Vec<&str> = mac.split(':').collect();
     let hex_ok = octets.len() == 6
         && octets
