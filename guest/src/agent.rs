@@ -267,6 +267,7 @@ impl Agent {
                     self.send(&to, &Message::Pong { ping_id }).await;
                 }
             }
+            Message::SayHello => self.hello().await,
             Message::CmdRun { cmd_id, spec, .. } => {
                 let Some(reply_to) = reply_to else {
                     log::warn!("CMD_RUN {cmd_id} has no reply-to: ignored");

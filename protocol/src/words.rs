@@ -172,6 +172,7 @@ pub enum Word {
     Hello,
     StillAlive,
     Bye,
+    SayHello,
     Ping,
     Pong,
     CmdRun,
@@ -195,10 +196,11 @@ pub enum Word {
 }
 
 impl Word {
-    pub const ALL: [Word; 23] = [
+    pub const ALL: [Word; 24] = [
         Word::Hello,
         Word::StillAlive,
         Word::Bye,
+        Word::SayHello,
         Word::Ping,
         Word::Pong,
         Word::CmdRun,
@@ -227,6 +229,7 @@ impl Word {
             Word::Hello => "HELLO",
             Word::StillAlive => "STILL_ALIVE",
             Word::Bye => "BYE",
+            Word::SayHello => "SAY_HELLO",
             Word::Ping => "PING",
             Word::Pong => "PONG",
             Word::CmdRun => "CMD_RUN",
@@ -275,6 +278,7 @@ impl Word {
             | Word::FileError => PayloadKind::Json,
             Word::CmdOutput | Word::FileChunk => PayloadKind::Binary,
             Word::Bye
+            | Word::SayHello
             | Word::Ping
             | Word::Pong
             | Word::CmdCancel
@@ -772,6 +776,9 @@ pub enum Message {
     StillAlive(LoadSummary),
     /// Guest → host (connections topic): the guest is going away.
     Bye { reason: Option<String> },
+    /// Host → guest(s) (its queue or the multicast topic): send `HELLO` now (a host
+    /// that started after its guests learns who they are at once).
+    SayHello,
     /// Host → guest.
     Ping { ping_id: String },
     /// Guest → host: answer to `PING`.
@@ -870,6 +877,7 @@ impl Message {
             Message::Hello(_) => Word::Hello,
             Message::StillAlive(_) => Word::StillAlive,
             Message::Bye { .. } => Word::Bye,
+            Message::SayHello => Word::SayHello,
             Message::Ping { .. } => Word::Ping,
             Message::Pong { .. } => Word::Pong,
             Message::CmdRun { .. } => Word::CmdRun,
@@ -1077,6 +1085,7 @@ pub fn encode(
             }
             Payload::Bare
         }
+        Message::SayHello => Payload::Bare,
         Message::Ping { ping_id } | Message::Pong { ping_id } => {
             b.id(header::PING_ID, ping_id)?;
             Payload::Bare
@@ -1441,6 +1450,7 @@ fn decode_message(kind: Word, r: &Reader<'_>) -> Result<Message, WordError> {
         Word::Bye => Message::Bye {
             reason: r.optional(header::REASON),
         },
+        Word::SayHello => Message::SayHello,
         Word::Ping => Message::Ping {
             ping_id: r.id(header::PING_ID)?,
         },
@@ -1672,6 +1682,7 @@ mod tests {
                 GUEST,
                 None,
             ),
+            (Message::SayHello, HOST, None),
             (
                 Message::Ping {
                     ping_id: "p-7".into(),
@@ -1971,6 +1982,11 @@ mod tests {
         let mut headers = common(GUEST, BARE, false, None);
         headers.extend(h(&[("reason", "shutdown")]));
         check(Word::Bye, headers, None);
+    }
+
+    #[test]
+    fn say_hello() {
+        check(Word::SayHello, common(HOST, BARE, false, None), None);
     }
 
     #[test]
@@ -2913,6 +2929,7 @@ mod tests {
             guest_info_strategy().prop_map(Message::Hello),
             load_strategy().prop_map(Message::StillAlive),
             prop::option::of(any_text()).prop_map(|reason| Message::Bye { reason }),
+            Just(Message::SayHello),
             id_text().prop_map(|ping_id| Message::Ping { ping_id }),
             id_text().prop_map(|ping_id| Message::Pong { ping_id }),
             (id_text(), id_text(), spec_strategy())

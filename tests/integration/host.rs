@@ -346,3 +346,56 @@ async fn files_go_both_ways_through_the_engine() {
     }
     engine.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_host_that_starts_after_its_guests_learns_who_they_are_at_once() {
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    // Beacons every 2 s: the guests' own periodic HELLO would come only after 60 s.
+    let beacon = 2.0;
+    let port = shared_broker(BrokerKind::RabbitMq);
+    let guests: Vec<GuestProcess> = ["early-1", "early-2"]
+        .into_iter()
+        .map(|id| {
+            let mut options = GuestOptions::new(port, &prefix, Some(id));
+            options.beacon_interval = beacon;
+            GuestProcess::start(options)
+        })
+        .collect();
+    // Their start-up HELLOs go to a topic nobody listens to yet.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut config = config(&prefix, dir.path());
+    config.beacon_interval = Duration::from_secs_f64(beacon);
+    let engine = Engine::start(config).await.unwrap();
+    let known = |vm: &'static str| {
+        let engine = engine.clone();
+        async move {
+            engine
+                .vm(vm)
+                .await
+                .ok()
+                .and_then(|v| v.guest)
+                .is_some_and(|g| g.id.as_str() == vm && !g.agent_version.is_empty())
+        }
+    };
+    for vm in ["early-1", "early-2"] {
+        wait_until(
+            Duration::from_secs(5),
+            &format!("{vm}'s HELLO details after the host started"),
+            || known(vm),
+        )
+        .await;
+    }
+    // A VM actor restarted from the store has lost them: the next beacon of its
+    // guest makes the host ask that guest again.
+    engine.crash_vm_actor("early-1").await.unwrap();
+    wait_until(
+        Duration::from_secs(3 * beacon as u64),
+        "early-1's HELLO details again after its actor restarted",
+        || known("early-1"),
+    )
+    .await;
+    drop(guests);
+    engine.shutdown().await;
+}

@@ -97,13 +97,26 @@ impl BrokerActor {
 impl Actor for BrokerActor {
     type Context = Context<Self>;
 
-    fn started(&mut self, _ctx: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
         let client = self.client.clone();
         let registry = self.registry.clone();
         let queue = self.host_queue();
         let topic = self.destinations.connections_topic();
         let subscribed = self.subscribed.clone();
         let subscriber = client.clone();
+        // Every guest says HELLO when asked: a host that (re)connects learns at once
+        // who its guests are and what they run on, not at their next periodic HELLO.
+        let me = ctx.address();
+        let multicast = self.destinations.multicast_topic();
+        let say_hello = move || {
+            me.do_send(Publish {
+                destination: multicast.clone(),
+                word: Word::SayHello,
+                to: Some("*".to_owned()),
+                confirm: false,
+            });
+        };
+        let first_hello = say_hello.clone();
         actix::spawn(async move {
             for destination in [queue, topic] {
                 let subscription = Subscription::new(&destination).with_prefetch(Some(512));
@@ -113,7 +126,9 @@ impl Actor for BrokerActor {
                 }
             }
             let _ = subscribed.send(true);
+            first_hello();
         });
+        let resubscribed = self.subscribed.subscribe();
         let Some(mut events) = self.events.take() else {
             return;
         };
@@ -145,6 +160,11 @@ impl Actor for BrokerActor {
                     } => {
                         log::info!("broker connection {generation} to {address} is up");
                         counters.connects.fetch_add(1, Ordering::Relaxed);
+                        // A reconnection (the session restored the subscriptions
+                        // already); after the first, the subscriber above asks.
+                        if *resubscribed.borrow() {
+                            say_hello();
+                        }
                         *counters
                             .address
                             .lock()

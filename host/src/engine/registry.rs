@@ -35,6 +35,9 @@ use vmc_protocol::glob::glob_match;
 use vmc_protocol::identity::GuestId;
 use vmc_protocol::words::{CommandSpec, Envelope, FileErrorCode, Message as Word};
 
+/// How often a guest whose HELLO is missing is asked for one.
+const ASK_HELLO_EVERY: Duration = Duration::from_secs(60);
+
 /// The registry actor.
 pub struct Registry {
     config: EngineConfig,
@@ -51,6 +54,8 @@ pub struct Registry {
     pings: HashMap<String, oneshot::Sender<()>>,
     events: EventSender,
     flusher: Flusher,
+    /// When each guest whose HELLO we lack was last asked for one.
+    asked_hello: HashMap<String, Instant>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -82,7 +87,39 @@ impl Registry {
             pings: HashMap::new(),
             events,
             flusher,
+            asked_hello: HashMap::new(),
         }
+    }
+
+    /// A beacon from a guest whose HELLO this host has not seen (it started after
+    /// the guest): asks the guest for one, at most once a minute.
+    fn ask_hello_if_unknown(&mut self, guest_id: &str) {
+        let Some(name) = self.ids.get(guest_id) else {
+            return;
+        };
+        if self
+            .views
+            .get(name)
+            .is_none_or(|view| view.borrow().guest.is_some())
+        {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(asked) = self.asked_hello.get(guest_id) {
+            if now.duration_since(*asked) < ASK_HELLO_EVERY {
+                return;
+            }
+        }
+        let (Ok(queue), Ok(broker)) = (self.guest_queue(guest_id), self.broker()) else {
+            return;
+        };
+        self.asked_hello.insert(guest_id.to_owned(), now);
+        broker.do_send(Publish {
+            destination: queue,
+            word: Word::SayHello,
+            to: None,
+            confirm: false,
+        });
     }
 
     fn broker(&self) -> Result<Addr<BrokerActor>, EngineError> {
@@ -242,6 +279,13 @@ impl Registry {
                     if let Err(e) = self.adopt_guest(&from, ctx) {
                         log::warn!("ignoring presence of {from:?}: {e}");
                     }
+                }
+                match &word {
+                    Word::StillAlive(_) => self.ask_hello_if_unknown(&from),
+                    Word::Hello(_) => {
+                        self.asked_hello.remove(&from);
+                    }
+                    _ => {}
                 }
                 let vm = self
                     .ids
