@@ -52,7 +52,7 @@ ORIGINAL_METHODS = [
 ALIASES = ["unpause", "listAvailableVMs", "listRegisteredVMs", "saveSnapshot", "getStats"]
 NEW_METHODS = [
     "version", "runCmdOnVMs", "cancelCmd", "getCmdOutput", "startCpFileToVM",
-    "startCpFileFromVM", "getTransferProgress", "getPresence",
+    "startCpFileFromVM", "getTransferProgress", "getPresence", "getVMInfo",
 ]
 INTROSPECTION = [
     "system.listMethods", "system.methodHelp", "system.methodSignature", "system.multicall",
@@ -198,6 +198,17 @@ class Vms(ApiTest):
         self.assertIsInstance(presence["since"], xmlrpc.client.DateTime)
         self.assertIsInstance(presence["lastHeard"], xmlrpc.client.DateTime)
         self.assertEqual(presence["state"], "Unknown")
+
+    def test_vm_info_carries_what_the_guest_said_in_hello(self):
+        vmc = proxy()
+        info = vmc.getVMInfo(VM)
+        self.assertEqual((info["name"], info["backend"], info["presence"]), (VM, "unmanaged", "alive"))
+        guest = info["guest"]
+        self.assertEqual(guest["id"], info["id"])
+        self.assertTrue(guest["agentVersion"] and guest["kernel"] and guest["hostname"], guest)
+        self.assertGreater(guest["bootTime"], 0)
+        with self.assertRaises(xmlrpc.client.Fault):
+            vmc.getVMInfo("no-such-vm")
 
     def test_datetimes_decode_as_datetime_in_utc(self):
         vmc = proxy(use_builtin_types=True)

@@ -584,6 +584,15 @@ static METHODS: &[Method] = &[
         call: call!(get_presence),
     },
     Method {
+        name: "getVMInfo",
+        params: &[VM],
+        returns: "struct",
+        summary: "One VM as createVM returns it: name, id (its NIC's MAC), backend, state, \
+                  presence, presenceSince, lastHeard, and guest (what its agent said in HELLO: \
+                  hostname, os, kernel, agentVersion, ips, mac, bootTime, ...).",
+        call: call!(get_vm_info),
+    },
+    Method {
         name: "system.listMethods",
         params: &[],
         returns: "array",
@@ -1280,6 +1289,11 @@ async fn get_state(engine: Engine, args: Args) -> Answer {
 async fn get_presence(engine: Engine, args: Args) -> Answer {
     let vm = ops::vm(&engine, &args.string(0)?).await?;
     Ok(presence_value(&vm))
+}
+
+async fn get_vm_info(engine: Engine, args: Args) -> Answer {
+    let vm = ops::vm(&engine, &args.string(0)?).await?;
+    Ok(vm_value(&vm))
 }
 
 async fn list_vms(engine: Engine, _args: Args) -> Answer {
