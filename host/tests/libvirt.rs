@@ -1,82 +1,30 @@
 //! The libvirt backend against a real libvirtd, real QEMU (TCG) and the tiny Linux
-//! guest of `host/tests/qemu.rs`.
+//! guest of `common/` (shared with `qemu.rs`, with the checks both backends must
+//! pass the same way).
 //!
 //! libvirtd must answer at `qemu:///system` (`deploy/libvirt/install.sh` installs
 //! and starts it; `deploy/test.sh` runs it): if it does not, every test fails
-//! saying so. Once per test process `deploy/qemu/install.sh` and
-//! `deploy/qemu/tiny-guest.sh` make sure of QEMU and the guest, whose serial console
-//! (`serial.log`) tells what it does: `VMC-GUEST BOOT` per boot, `MAC`, `BROKER`,
-//! `DISK <hex>`, `REACH` lines and a `TICK <n> <uptime>` every 100 ms. Each test has
-//! its own state directory and its own domain prefix (`vmctest-<pid>-`), so tests
-//! running at once, and anyone else's domains on the same libvirtd, never meet; a
-//! guard destroys and undefines the test's own domain whatever happens. A semaphore
-//! keeps at most two VMs of a process running at once.
+//! saying so. Each test has its own state directory and its own domain prefix
+//! (`vmctest-<pid>-`), so tests running at once, and anyone else's domains on the
+//! same libvirtd, never meet; a guard destroys and undefines the test's own domain
+//! whatever happens. A semaphore keeps at most two VMs of a process running at once.
+
+mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, ErrorKind};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Condvar, Mutex, OnceLock};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use vmc_host::hypervisor::libvirt::{Libvirt, LibvirtSettings, DEFAULT_URI};
 use vmc_host::hypervisor::{Hypervisor, HypervisorError, VmDefinition, VmSpec, VmState};
+use vmc_host::protocol::agent_main::error_chain;
 
-/// How long a boot, a shutdown, or any other guest-visible change may take here.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(90);
-
-struct TinyGuest {
-    dir: PathBuf,
-    kernel: PathBuf,
-    initrd: PathBuf,
-    cmdline: String,
-}
-
-fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("host/ has a parent")
-}
-
-fn run_script(script: &str, args: &[&Path]) {
-    let started = Instant::now();
-    let output = Command::new("bash")
-        .arg(repo_root().join(script))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bash {script}: {e}"));
-    assert!(
-        output.status.success(),
-        "{script} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    println!(
-        "{script}: {:.1} s: {}",
-        started.elapsed().as_secs_f64(),
-        String::from_utf8_lossy(&output.stdout).trim()
-    );
-}
-
-/// QEMU installed and the tiny guest built, once per test process.
-fn tiny_guest() -> &'static TinyGuest {
-    static GUEST: OnceLock<TinyGuest> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        run_script("deploy/qemu/install.sh", &[]);
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-guest");
-        run_script("deploy/qemu/tiny-guest.sh", &[&out]);
-        let cmdline = fs::read_to_string(out.join("cmdline")).expect("tiny-guest cmdline");
-        TinyGuest {
-            kernel: out.join("kernel"),
-            initrd: out.join("initramfs.cpio.gz"),
-            cmdline: cmdline.trim().to_owned(),
-            dir: out,
-        }
-    })
-}
+use common::{
+    boots, fill_disk_start, last_line_value, last_tick, serial, timed, tiny_guest, tiny_guest_dir,
+    tiny_guest_spec, wait_until, Slot,
+};
 
 fn virsh(args: &[&str]) -> std::process::Output {
     Command::new("virsh")
@@ -85,31 +33,6 @@ fn virsh(args: &[&str]) -> std::process::Output {
         .env("LC_ALL", "C")
         .output()
         .expect("virsh runs")
-}
-
-/// At most two VMs at once on this two-core machine: one slot per test.
-struct Slot;
-
-static SLOTS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
-
-impl Slot {
-    fn take() -> Slot {
-        let (count, freed) = &SLOTS;
-        let mut used = count.lock().unwrap_or_else(|e| e.into_inner());
-        while *used >= 2 {
-            used = freed.wait(used).unwrap_or_else(|e| e.into_inner());
-        }
-        *used += 1;
-        Slot
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let (count, freed) = &SLOTS;
-        *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        freed.notify_one();
-    }
 }
 
 /// A test's backend over its own state directory and domain prefix.
@@ -153,20 +76,9 @@ impl Lab {
         }
     }
 
-    fn spec(&self, name: &str, image: Option<PathBuf>, extra_args: &str) -> VmSpec {
-        let guest = tiny_guest();
-        let mut spec = VmSpec::new(name);
-        spec.kernel = Some(guest.kernel.clone());
-        spec.initrd = Some(guest.initrd.clone());
-        spec.kernel_args = Some(format!("{} {extra_args}", guest.cmdline));
-        spec.memory_mib = 128;
-        spec.image = image;
-        spec
-    }
-
     /// A VM booting the tiny guest, with `image` as its disk's backing file.
     fn create(&self, name: &str, image: Option<PathBuf>, extra_args: &str) -> Guard<'_> {
-        self.create_spec(self.spec(name, image, extra_args))
+        self.create_spec(tiny_guest_spec(name, image, extra_args))
     }
 
     fn create_spec(&self, spec: VmSpec) -> Guard<'_> {
@@ -221,17 +133,6 @@ impl std::ops::Deref for Guard<'_> {
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// The pid of the QEMU libvirt runs for the domain.
 fn qemu_pid(domain: &str) -> Option<u32> {
     fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid"))
@@ -241,73 +142,8 @@ fn qemu_pid(domain: &str) -> Option<u32> {
         .ok()
 }
 
-fn serial(vm: &VmDefinition) -> String {
-    String::from_utf8_lossy(&fs::read(Libvirt::serial_log(vm)).unwrap_or_default()).into_owned()
-}
-
-fn boots(log: &str) -> usize {
-    log.lines()
-        .filter(|l| l.starts_with("VMC-GUEST BOOT"))
-        .count()
-}
-
-/// Every complete `TICK n uptime` line, in order.
-fn ticks(log: &str) -> Vec<(u64, f64)> {
-    log.lines()
-        .filter_map(|line| {
-            let mut fields = line.strip_prefix("TICK ")?.split(' ');
-            let n = fields.next()?.parse().ok()?;
-            let uptime = fields.next()?.parse().ok()?;
-            fields.next().is_none().then_some((n, uptime))
-        })
-        .collect()
-}
-
-/// The ticks since the last boot marker.
-fn ticks_of_this_boot(vm: &VmDefinition) -> usize {
-    let log = serial(vm);
-    let this_boot = log.rfind("VMC-GUEST BOOT").map_or("", |at| &log[at..]);
-    ticks(this_boot).len()
-}
-
-fn last_tick(vm: &VmDefinition) -> u64 {
-    ticks(&serial(vm)).last().map_or(0, |t| t.0)
-}
-
-/// The value of the last `<prefix> value` line.
-fn last_line_value(log: &str, prefix: &str) -> Option<String> {
-    log.lines()
-        .rev()
-        .find_map(|l| l.strip_prefix(prefix))
-        .map(str::to_owned)
-}
-
-/// Polls `condition` until it holds; panics with `what` and the serial tail if not.
-fn wait_until(vm: &VmDefinition, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !condition() {
-        if started.elapsed() > GUEST_TIMEOUT {
-            let log = serial(vm);
-            let tail: String = log
-                .chars()
-                .skip(log.chars().count().saturating_sub(2000))
-                .collect();
-            panic!("timed out waiting for {what}; serial log ends with:\n{tail}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    started.elapsed()
-}
-
 fn state(lab: &Lab, vm: &VmDefinition) -> VmState {
     lab.libvirt.state(vm).expect("getState")
-}
-
-fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
-    let started = Instant::now();
-    let value = f();
-    println!("{what}: {:.1} ms", started.elapsed().as_secs_f64() * 1000.0);
-    value
 }
 
 #[test]
@@ -329,82 +165,7 @@ fn lifecycle_operations_move_the_vm_through_the_right_states() {
         .collect();
     let accel = args.iter().skip_while(|a| *a != "-accel").nth(1);
     assert_eq!(accel.map(String::as_str), Some("tcg"));
-    let boot = wait_until(&vm, "the first boot", || boots(&serial(&vm)) == 1);
-    println!("boot to /init: {:.1} s", boot.as_secs_f64());
-    wait_until(&vm, "three ticks", || last_tick(&vm) >= 3);
-    let log = serial(&vm);
-    assert_eq!(
-        last_line_value(&log, "MAC "),
-        Some(vm.mac.to_ascii_lowercase())
-    );
-    assert_eq!(
-        last_line_value(&log, "BROKER "),
-        Some("10.0.2.100:61613".into())
-    );
-    let disk = last_line_value(&log, "DISK ").expect("the guest sees a disk");
-    assert_eq!(
-        disk,
-        "00".repeat(64),
-        "a new VM without an image has an empty disk"
-    );
-
-    let perf = timed("getPerformanceData", || {
-        lab.libvirt.performance(&vm).expect("performance")
-    });
-    println!("performance: {perf:?}");
-    assert!(
-        perf.cpu_secs > 0.0 && perf.rss_bytes > 16 << 20 && perf.uptime_secs > 0.0,
-        "{perf:?}"
-    );
-    assert!(
-        perf.disk_read_bytes >= 64 && perf.disk_read_ops > 0,
-        "the guest read its disk: {perf:?}"
-    );
-
-    timed("pause", || lab.libvirt.pause(&vm).expect("pause"));
-    assert_eq!(state(&lab, &vm), VmState::Paused);
-    let frozen = last_tick(&vm);
-    thread::sleep(Duration::from_secs(1)); // ten ticks' worth: none may appear
-    assert_eq!(
-        last_tick(&vm),
-        frozen,
-        "a paused guest's clock must stand still"
-    );
-    timed("resume", || lab.libvirt.resume(&vm).expect("resume"));
-    assert_eq!(state(&lab, &vm), VmState::Running);
-    wait_until(&vm, "ticks after resume", || last_tick(&vm) > frozen + 2);
-
-    timed("reset", || lab.libvirt.reset(&vm).expect("reset"));
-    assert_eq!(state(&lab, &vm), VmState::Running);
-    let reboot = wait_until(&vm, "a second boot after reset", || {
-        boots(&serial(&vm)) == 2
-    });
-    println!("reset to /init: {:.1} s", reboot.as_secs_f64());
-    // The guest listens to the power button once it ticks.
-    wait_until(&vm, "ticks after the reboot", || {
-        ticks_of_this_boot(&vm) >= 2
-    });
-
-    timed("shutdown (ACPI)", || {
-        lab.libvirt.shutdown(&vm).expect("shutdown")
-    });
-    let off = wait_until(&vm, "the guest to power itself off", || {
-        state(&lab, &vm) == VmState::PoweredOff
-    });
-    println!(
-        "ACPI power button to PoweredOff: {:.1} s",
-        off.as_secs_f64()
-    );
-    assert!(
-        serial(&vm).contains("POWERDOWN"),
-        "the guest saw the power button"
-    );
-
-    lab.libvirt.start(&vm).expect("start again");
-    assert_eq!(state(&lab, &vm), VmState::Running);
-    wait_until(&vm, "a third boot", || boots(&serial(&vm)) == 3);
-    timed("powerOff", || lab.libvirt.power_off(&vm).expect("powerOff"));
-    assert_eq!(state(&lab, &vm), VmState::PoweredOff);
+    common::run_through_the_lifecycle(&lab.libvirt, &vm);
 }
 
 #[test]
@@ -433,13 +194,7 @@ fn snapshots_bring_back_the_disk_contents() {
     ));
 
     // Change the overlay while the VM is off: the first 64 bytes become 0xbb.
-    let disk = Libvirt::disk_path(&vm);
-    let status = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -q -P 0xbb 0 64"])
-        .arg(&disk)
-        .status()
-        .expect("qemu-io");
-    assert!(status.success());
+    fill_disk_start(&Libvirt::disk_path(&vm), 0xbb);
 
     lab.libvirt.start(&vm).expect("start");
     wait_until(&vm, "the guest to show the changed disk", || {
@@ -557,32 +312,7 @@ fn a_saved_vm_resumes_where_it_was() {
         qemu_pid(&lab.libvirt.domain_name(&vm)).is_none(),
         "no QEMU runs for a saved VM"
     );
-    let before = ticks(&serial(&vm));
-    let &(saved_n, saved_uptime) = before.last().expect("ticks before saving");
-
-    timed("start (restore)", || {
-        lab.libvirt.start(&vm).expect("start from saved state")
-    });
-    assert_eq!(state(&lab, &vm), VmState::Running);
-    wait_until(&vm, "ticks after the restore", || {
-        last_tick(&vm) > saved_n + 5
-    });
-    let log = serial(&vm);
-    assert_eq!(boots(&log), 1, "a restored VM does not boot again");
-    let after = ticks(&log);
-    for pair in after.windows(2) {
-        assert_eq!(pair[1].0, pair[0].0 + 1, "the counter continues: {pair:?}");
-        assert!(
-            pair[1].1 >= pair[0].1,
-            "the uptime never goes back: {pair:?}"
-        );
-    }
-    let &(first_n, first_uptime) = &after[before.len()];
-    assert_eq!(first_n, saved_n + 1);
-    assert!(
-        first_uptime < saved_uptime + 2.0,
-        "{first_uptime} vs {saved_uptime}"
-    );
+    common::start_where_it_was_saved(&lab.libvirt, &vm);
 
     lab.libvirt.pause(&vm).expect("pause");
     lab.libvirt.save_state(&vm).expect("save a paused VM");
@@ -657,6 +387,7 @@ fn the_guest_reaches_the_broker_and_nothing_else() {
 
     // A guest image directory (deploy/guest-image's layout) of the tiny guest.
     let guest = tiny_guest();
+    let guest_dir = tiny_guest_dir();
     let image = lab.dir.path().join("image");
     fs::create_dir(&image).expect("mkdir");
     fs::write(image.join("disk.raw"), vec![0xCCu8; 1 << 20]).expect("disk");
@@ -674,8 +405,8 @@ fn the_guest_reaches_the_broker_and_nothing_else() {
     )
     .expect("manifest");
     for file in ["vmlinux", "initramfs.cpio.gz"] {
-        fs::hard_link(guest.dir.join(file), image.join(file))
-            .or_else(|_| fs::copy(guest.dir.join(file), image.join(file)).map(drop))
+        fs::hard_link(guest_dir.join(file), image.join(file))
+            .or_else(|_| fs::copy(guest_dir.join(file), image.join(file)).map(drop))
             .expect("link the guest's files");
     }
     let mut spec = VmSpec::new("net");
@@ -690,39 +421,7 @@ fn the_guest_reaches_the_broker_and_nothing_else() {
         .is_some_and(|k| k.starts_with(&vm.dir)));
     lab.libvirt.start(&vm).expect("start");
 
-    broker.set_nonblocking(true).expect("nonblocking");
-    let mut greeting = String::new();
-    wait_until(
-        &vm,
-        "the guest's connection to the broker",
-        || match broker.accept() {
-            Ok((stream, _)) => {
-                stream.set_nonblocking(false).expect("blocking");
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .expect("timeout");
-                BufReader::new(stream)
-                    .read_line(&mut greeting)
-                    .expect("read the probe");
-                true
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
-            Err(e) => panic!("accept: {e}"),
-        },
-    );
-    assert_eq!(
-        greeting.trim(),
-        format!("PROBE {}", vm.mac.to_ascii_lowercase())
-    );
-    let blocked = format!("REACH 10.0.2.2:{other_port} failed");
-    wait_until(&vm, "the guest to give up on the other port", || {
-        serial(&vm).contains(&blocked)
-    });
-    elsewhere.set_nonblocking(true).expect("nonblocking");
-    assert!(
-        matches!(elsewhere.accept(), Err(e) if e.kind() == ErrorKind::WouldBlock),
-        "nothing but the broker is reachable from the guest"
-    );
+    common::reaches_only_the_broker(&vm, &broker, &elsewhere, other_port);
     let log = serial(&vm);
     assert_eq!(
         last_line_value(&log, "DISK "),
@@ -749,42 +448,7 @@ fn the_guest_reaches_the_broker_and_nothing_else() {
 fn operations_in_the_wrong_state_are_clear_errors() {
     let lab = Lab::new("errors");
     let vm = lab.create("errors", None, "");
-    let invalid = |result: Result<(), HypervisorError>, operation: &str| match result {
-        Err(HypervisorError::InvalidState {
-            state: VmState::PoweredOff,
-            ..
-        }) => {}
-        other => panic!("{operation} of a powered-off VM: {other:?}"),
-    };
-    invalid(lab.libvirt.pause(&vm), "pause");
-    invalid(lab.libvirt.resume(&vm), "resume");
-    invalid(lab.libvirt.reset(&vm), "reset");
-    invalid(lab.libvirt.shutdown(&vm), "shutdown");
-    invalid(lab.libvirt.power_off(&vm), "powerOff");
-    invalid(lab.libvirt.save_state(&vm), "saveState");
-    invalid(lab.libvirt.discard_state(&vm), "discardState");
-    let error = lab.libvirt.pause(&vm).expect_err("pause");
-    assert_eq!(
-        error.to_string(),
-        "VM \"errors\" cannot pause while it is PoweredOff"
-    );
-    assert!(matches!(
-        lab.libvirt.performance(&vm),
-        Err(HypervisorError::InvalidState { .. })
-    ));
-    match lab.libvirt.restore_snapshot(&vm, "nope") {
-        Err(e @ HypervisorError::NoSuchSnapshot { .. }) => {
-            assert_eq!(
-                e.to_string(),
-                "VM \"errors\" has no snapshot named \"nope\""
-            )
-        }
-        other => panic!("restore of a missing snapshot: {other:?}"),
-    }
-    assert!(matches!(
-        lab.libvirt.delete_snapshot(&vm, "nope"),
-        Err(HypervisorError::NoSuchSnapshot { .. })
-    ));
+    common::wrong_state_operations_fail(&lab.libvirt, &vm);
     let error = lab.libvirt.sleep(&vm).expect_err("sleep");
     assert!(
         matches!(
@@ -796,10 +460,6 @@ fn operations_in_the_wrong_state_are_clear_errors() {
         ),
         "{error}"
     );
-    assert!(matches!(
-        lab.libvirt.create(&vm.spec),
-        Err(HypervisorError::InvalidSpec(message)) if message.contains("already exists")
-    ));
 
     // A VM whose record does not match the domain's: the domain is left alone.
     let mut impostor = (*vm).clone();

@@ -10,7 +10,9 @@
 //! without a VM: every lifecycle call is "not supported"); VirtualBox would fit
 //! behind the same trait.
 //! What a backend does not own: presence (the guest agent's business) and the store
-//! (the registry persists what [`Hypervisor::create`] returns).
+//! (the registry persists what [`Hypervisor::create`] returns). The few helpers at
+//! the end ([`failed`], [`require_state`], [`DiskCounters`]) keep the backends'
+//! errors and figures alike.
 
 pub mod libvirt;
 pub mod qemu;
@@ -76,6 +78,18 @@ impl VmState {
     pub fn parse(name: &str) -> Option<VmState> {
         VmState::ALL.into_iter().find(|s| s.as_str() == name)
     }
+
+    /// The states in which the VM's hypervisor process runs (or, for Unknown, may).
+    pub const WITH_PROCESS: [VmState; 8] = [
+        VmState::Running,
+        VmState::Paused,
+        VmState::Starting,
+        VmState::Stopping,
+        VmState::Saving,
+        VmState::Restoring,
+        VmState::Stuck,
+        VmState::Unknown,
+    ];
 
     /// Whether a guest agent can be running in this state.
     pub fn is_on(self) -> bool {
@@ -251,6 +265,79 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
         Ok(vm.mac.clone())
     }
     fn performance(&self, vm: &VmDefinition) -> Result<PerformanceData, HypervisorError>;
+}
+
+/// `Failed`, with `error` and its causes as the message.
+pub(crate) fn failed(
+    vm: &VmDefinition,
+    operation: &'static str,
+    error: impl std::error::Error,
+) -> HypervisorError {
+    HypervisorError::Failed {
+        vm: vm.spec.name.clone(),
+        operation,
+        message: vmc_protocol::agent_main::error_chain(&error),
+    }
+}
+
+/// `InvalidState` unless `state` is one of `allowed`.
+pub(crate) fn require_state(
+    vm: &VmDefinition,
+    operation: &'static str,
+    state: VmState,
+    allowed: &[VmState],
+) -> Result<(), HypervisorError> {
+    if allowed.contains(&state) {
+        Ok(())
+    } else {
+        Err(HypervisorError::InvalidState {
+            vm: vm.spec.name.clone(),
+            operation,
+            state,
+        })
+    }
+}
+
+/// A running VM's disk counters, summed over its disks, as its hypervisor counts
+/// them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct DiskCounters {
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_ops: u64,
+    pub write_ops: u64,
+    pub flush_ops: u64,
+    pub read_time_ns: u64,
+    pub write_time_ns: u64,
+}
+
+impl DiskCounters {
+    /// The VM's figures: these counters, the process's, and the same extras
+    /// (`disk_flush_ops`, `disk_read_time_ms`, `disk_write_time_ms`, `vcpus`) from
+    /// every backend.
+    pub(crate) fn into_performance(
+        self,
+        vm: &VmDefinition,
+        cpu_secs: f64,
+        rss_bytes: u64,
+        uptime_secs: f64,
+    ) -> PerformanceData {
+        PerformanceData {
+            cpu_secs,
+            rss_bytes,
+            disk_read_bytes: self.read_bytes,
+            disk_write_bytes: self.write_bytes,
+            disk_read_ops: self.read_ops,
+            disk_write_ops: self.write_ops,
+            uptime_secs,
+            extra: vec![
+                ("disk_flush_ops".into(), self.flush_ops as f64),
+                ("disk_read_time_ms".into(), self.read_time_ns as f64 / 1e6),
+                ("disk_write_time_ms".into(), self.write_time_ns as f64 / 1e6),
+                ("vcpus".into(), f64::from(vm.spec.cpus)),
+            ],
+        }
+    }
 }
 
 #[cfg(test)]

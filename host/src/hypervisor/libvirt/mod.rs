@@ -2,17 +2,18 @@
 //! (TCG), driven through the `virsh` command line ([`virsh`]), so the host agent
 //! links no libvirt C library.
 //!
-//! A VM lives in `<state_dir>/vms/<name>/` like a QEMU backend VM (the same image
-//! arguments: a disk image file, or a guest image directory whose kernel and
-//! initramfs are copied in and whose disk is the overlay's backing file; see
-//! `qemu/guest_image.rs`): `disk.qcow2`, `serial.log`, `fw_cfg/` (the values of
+//! A VM lives in `<state_dir>/vms/<name>/` like a QEMU backend VM, made by the same
+//! code (`qemu/provision.rs`: the same checks and image arguments, a disk image file
+//! or a guest image directory whose kernel and initramfs are copied in and whose
+//! disk is the overlay's backing file): `disk.qcow2`, `serial.log` (`qemu/vmdir.rs`
+//! names those), `fw_cfg/` (the values of
 //! the guest's fw_cfg strings `opt/vmc/broker`, `.../prefix`, `.../beacon_interval`,
 //! rewritten at every start), `domain.xml` (what was defined) and, after a crash
 //! the caller has acknowledged with powerOff, `crash-acknowledged`. The domain is
 //! named `<domain_prefix><name>` and defined once at create ([`domain`]: the
 //! network is QEMU user networking with `restrict=on` whose only way out is a
-//! `guestfwd` running `socat` to the broker; libvirt's own networks are never
-//! used). Its `<metadata>` records the VM's directory: `removeVM` undefines a domain
+//! `guestfwd` running `socat` to the broker, `qemu/broker_link.rs`; libvirt's own
+//! networks are never used). Its `<metadata>` records the VM's directory: `removeVM` undefines a domain
 //! only when that record matches, so the backend never touches a domain it did not
 //! make. libvirt keeps the state, so a new backend object finds its VMs again.
 //!
@@ -44,23 +45,21 @@ use std::time::Duration;
 
 use self::domain::{DomainConfig, NETDEV_ID};
 use self::virsh::{Virsh, VirshError};
-use super::qemu::guest_image::{self, GuestImage};
-use super::qemu::image::QemuImg;
+use super::qemu::broker_link::{self, BrokerLink};
+use super::qemu::guest_image::GuestImage;
+use super::qemu::image::{self, QemuImg};
 use super::qemu::process::{self, ProcessId};
-use super::qemu::{
-    mac_for_name, parse_mac, FW_CFG_BEACON_INTERVAL, FW_CFG_BROKER, FW_CFG_PREFIX,
-    GUEST_BROKER_ADDRESS,
-};
+use super::qemu::provision;
+use super::qemu::vmdir::VmDir;
 use super::{
-    Hypervisor, HypervisorError, PerformanceData, SnapshotInfo, VmDefinition, VmSpec, VmState,
+    failed, require_state, DiskCounters, Hypervisor, HypervisorError, PerformanceData,
+    SnapshotInfo, VmDefinition, VmSpec, VmState,
 };
 
 /// The name stored in [`VmDefinition::backend`] for libvirt VMs.
 pub const NAME: &str = "libvirt";
 /// The connection used when none is configured.
 pub const DEFAULT_URI: &str = "qemu:///system";
-/// The serial log is moved aside to `serial.log.old` at start when bigger than this.
-const SERIAL_LOG_ROTATE_BYTES: u64 = 16 << 20;
 
 /// How the backend reaches libvirt and lays out its VMs.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,11 +78,14 @@ pub struct LibvirtSettings {
     /// only forward; `None`: the guest reaches nothing at all. Fixed in a VM's
     /// domain when it is created.
     pub broker_forward: Option<(String, u16)>,
-    /// The port the guest connects to at [`GUEST_BROKER_ADDRESS`].
+    /// The port the guest connects to at
+    /// [`GUEST_BROKER_ADDRESS`](broker_link::GUEST_BROKER_ADDRESS).
     pub guest_broker_port: u16,
-    /// The destination prefix handed to the guest (fw_cfg [`FW_CFG_PREFIX`]).
+    /// The destination prefix handed to the guest (fw_cfg
+    /// [`FW_CFG_PREFIX`](broker_link::FW_CFG_PREFIX)).
     pub guest_prefix: Option<String>,
-    /// The beacon interval handed to the guest (fw_cfg [`FW_CFG_BEACON_INTERVAL`]).
+    /// The beacon interval handed to the guest (fw_cfg
+    /// [`FW_CFG_BEACON_INTERVAL`](broker_link::FW_CFG_BEACON_INTERVAL)).
     pub guest_beacon_interval: Option<Duration>,
     /// Size of the empty disk of a VM created without an image.
     pub blank_disk_bytes: u64,
@@ -192,34 +194,10 @@ fn state_of(state: u32, reason: u32, managed_save: bool, crash_acknowledged: boo
     }
 }
 
-/// The states in which the VM's QEMU runs.
-const ALIVE: [VmState; 8] = [
-    VmState::Running,
-    VmState::Paused,
-    VmState::Starting,
-    VmState::Stopping,
-    VmState::Saving,
-    VmState::Restoring,
-    VmState::Stuck,
-    VmState::Unknown,
-];
+/// The files of one VM that only this backend makes (the others: [`VmDir`]).
+struct DomainFiles<'a>(&'a Path);
 
-/// The files of one VM.
-struct VmFiles<'a>(&'a Path);
-
-impl VmFiles<'_> {
-    fn disk(&self) -> PathBuf {
-        self.0.join("disk.qcow2")
-    }
-    fn kernel(&self) -> PathBuf {
-        self.0.join("kernel")
-    }
-    fn initramfs(&self) -> PathBuf {
-        self.0.join("initramfs")
-    }
-    fn serial_log(&self) -> PathBuf {
-        self.0.join("serial.log")
-    }
+impl DomainFiles<'_> {
     fn domain_xml(&self) -> PathBuf {
         self.0.join("domain.xml")
     }
@@ -256,17 +234,8 @@ impl Libvirt {
                 settings.state_dir.display()
             ));
         }
-        if let Some((host, port)) = &settings.broker_forward {
-            let valid = !host.is_empty()
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
-            if !valid || *port == 0 {
-                return invalid(format!(
-                    "broker_forward {host:?}:{port} is not a host name or address and a port"
-                ));
-            }
-        }
+        broker_link::check_broker_forward(settings.broker_forward.as_ref())
+            .map_err(LibvirtSetupError::Invalid)?;
         if settings.guest_broker_port == 0 {
             return invalid("guest_broker_port must not be 0".into());
         }
@@ -274,18 +243,9 @@ impl Libvirt {
             return invalid(format!("uri {:?} is not a libvirt URI", settings.uri));
         }
         let mut settings = settings;
-        let vms = settings.state_dir.join("vms");
-        fs::create_dir_all(&vms).map_err(|source| LibvirtSetupError::StateDir {
-            path: vms.clone(),
-            source,
-        })?;
         // Absolute from here on: libvirtd resolves nothing against our directory.
-        settings.state_dir = fs::canonicalize(&settings.state_dir).map_err(|source| {
-            LibvirtSetupError::StateDir {
-                path: settings.state_dir.clone(),
-                source,
-            }
-        })?;
+        settings.state_dir = provision::make_state_dir(&settings.state_dir)
+            .map_err(|(path, source)| LibvirtSetupError::StateDir { path, source })?;
         let img = QemuImg::new(&settings.qemu_img_binary);
         img.version().map_err(|e| LibvirtSetupError::Binary {
             binary: settings.qemu_img_binary.clone(),
@@ -338,12 +298,12 @@ impl Libvirt {
 
     /// The file the VM's serial console is appended to.
     pub fn serial_log(vm: &VmDefinition) -> PathBuf {
-        VmFiles(&vm.dir).serial_log()
+        VmDir::new(&vm.dir).serial_log()
     }
 
     /// The qcow2 overlay the VM writes to.
     pub fn disk_path(vm: &VmDefinition) -> PathBuf {
-        VmFiles(&vm.dir).disk()
+        VmDir::new(&vm.dir).disk()
     }
 
     fn vms_dir(&self) -> PathBuf {
@@ -418,7 +378,7 @@ impl Libvirt {
             )?)
             .get("Managed save")
             .is_some_and(|v| v == "yes");
-        let acknowledged = VmFiles(&vm.dir).crash_acknowledged().exists();
+        let acknowledged = DomainFiles(&vm.dir).crash_acknowledged().exists();
         Ok(Observed {
             state: state_of(state, reason, managed_save, acknowledged),
             pm_suspended: state == code::PMSUSPENDED,
@@ -433,15 +393,8 @@ impl Libvirt {
         allowed: &[VmState],
     ) -> Result<Observed, HypervisorError> {
         let observed = self.observe(vm, operation)?;
-        if allowed.contains(&observed.state) {
-            Ok(observed)
-        } else {
-            Err(HypervisorError::InvalidState {
-                vm: vm.spec.name.clone(),
-                operation,
-                state: observed.state,
-            })
-        }
+        require_state(vm, operation, observed.state, allowed)?;
+        Ok(observed)
     }
 
     /// A domain operation that only needs the VM in one of `allowed`.
@@ -465,14 +418,14 @@ impl Libvirt {
         vm: &VmDefinition,
         operation: &'static str,
     ) -> Result<(), HypervisorError> {
-        let files = VmFiles(&vm.dir);
+        let files = DomainFiles(&vm.dir);
         let io_error = |source| HypervisorError::Io {
             vm: vm.spec.name.clone(),
             operation,
             source,
         };
         fs::create_dir_all(vm.dir.join("fw_cfg")).map_err(io_error)?;
-        for (entry, value) in self.fw_cfg_values() {
+        for (entry, value) in self.broker_link().fw_cfg_values() {
             fs::write(files.fw_cfg(entry), value).map_err(io_error)?;
         }
         Ok(())
@@ -485,7 +438,7 @@ impl Libvirt {
         vm: &VmDefinition,
         operation: &'static str,
     ) -> Result<(), HypervisorError> {
-        match fs::remove_file(VmFiles(&vm.dir).crash_acknowledged()) {
+        match fs::remove_file(DomainFiles(&vm.dir).crash_acknowledged()) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(HypervisorError::Io {
                 vm: vm.spec.name.clone(),
                 operation,
@@ -495,43 +448,30 @@ impl Libvirt {
         }
     }
 
-    /// The fw_cfg entries a guest gets and their values: only entries with a
-    /// value, since the domain names each one's file.
-    fn fw_cfg_values(&self) -> Vec<(&'static str, String)> {
-        let mut values = Vec::new();
-        if self.settings.broker_forward.is_some() {
-            values.push((
-                FW_CFG_BROKER,
-                format!("{GUEST_BROKER_ADDRESS}:{}", self.settings.guest_broker_port),
-            ));
+    /// The guest's way to the broker, from the settings. The domain names a file
+    /// for each of its fw_cfg entries, so only entries with a value appear.
+    fn broker_link(&self) -> BrokerLink<'_> {
+        BrokerLink {
+            broker_forward: self.settings.broker_forward.as_ref(),
+            guest_broker_port: self.settings.guest_broker_port,
+            guest_prefix: self.settings.guest_prefix.as_deref(),
+            guest_beacon_interval: self.settings.guest_beacon_interval,
         }
-        if let Some(prefix) = &self.settings.guest_prefix {
-            values.push((FW_CFG_PREFIX, prefix.clone()));
-        }
-        if let Some(interval) = self.settings.guest_beacon_interval {
-            values.push((FW_CFG_BEACON_INTERVAL, interval.as_secs_f64().to_string()));
-        }
-        values
     }
 
     /// The domain of `vm` as configured now.
     fn domain_config(&self, vm: &VmDefinition) -> DomainConfig {
-        let files = VmFiles(&vm.dir);
+        let files = DomainFiles(&vm.dir);
+        let vm_dir = VmDir::new(&vm.dir);
         let spec = &vm.spec;
-        let mut netdev = format!("user,id={NETDEV_ID},restrict=on");
-        if let Some((host, port)) = &self.settings.broker_forward {
-            netdev.push_str(&format!(
-                ",guestfwd=tcp:{GUEST_BROKER_ADDRESS}:{}-cmd:socat - TCP:{host}:{port}",
-                self.settings.guest_broker_port
-            ));
-        }
+        let link = self.broker_link();
         DomainConfig {
             name: self.domain_name(vm),
             dir: vm.dir.clone(),
             memory_mib: spec.memory_mib,
             cpus: spec.cpus,
-            disk: files.disk(),
-            serial_log: files.serial_log(),
+            disk: vm_dir.disk(),
+            serial_log: vm_dir.serial_log(),
             kernel: spec.kernel.clone().map(|kernel| {
                 (
                     kernel,
@@ -541,85 +481,14 @@ impl Libvirt {
                         .unwrap_or_else(|| "console=ttyS0".into()),
                 )
             }),
-            fw_cfg: self
+            fw_cfg: link
                 .fw_cfg_values()
                 .into_iter()
                 .map(|(entry, _)| (entry.to_owned(), files.fw_cfg(entry)))
                 .collect(),
-            netdev,
+            netdev: link.netdev(NETDEV_ID),
             mac: vm.mac.to_ascii_lowercase(),
         }
-    }
-
-    /// Checks a spec; returns the MAC and the guest image its image names, if any.
-    fn validate_spec(
-        &self,
-        spec: &VmSpec,
-    ) -> Result<(String, Option<GuestImage>), HypervisorError> {
-        let invalid = |message: String| Err(HypervisorError::InvalidSpec(message));
-        let name_ok = !spec.name.is_empty()
-            && spec.name.len() <= 64
-            && !spec.name.starts_with('.')
-            && spec
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-        if !name_ok {
-            return invalid(format!(
-                "VM name {:?} must be 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'",
-                spec.name
-            ));
-        }
-        if !(16..=1 << 20).contains(&spec.memory_mib) {
-            return invalid(format!(
-                "memory of {} MiB is not within 16 MiB..1 TiB",
-                spec.memory_mib
-            ));
-        }
-        if !(1..=255).contains(&spec.cpus) {
-            return invalid(format!("{} CPUs is not within 1..255", spec.cpus));
-        }
-        if spec.kernel.is_none() && (spec.initrd.is_some() || spec.kernel_args.is_some()) {
-            return invalid("an initrd or kernel arguments need a kernel".into());
-        }
-        for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
-            if let Some(path) = path {
-                if !path.is_file() {
-                    return invalid(format!("the {what} {} is not a file", path.display()));
-                }
-            }
-        }
-        let guest_image = match &spec.image {
-            Some(dir) if GuestImage::is_image_dir(dir) => {
-                if spec.kernel.is_some() || spec.initrd.is_some() || spec.kernel_args.is_some() {
-                    return invalid(format!(
-                        "the guest image {} brings its own kernel, initramfs and command line: \
-                         give no kernel, initrd or kernel arguments with it",
-                        dir.display()
-                    ));
-                }
-                Some(GuestImage::open(dir).map_err(|e| {
-                    HypervisorError::InvalidSpec(format!(
-                        "the guest image {}: {}",
-                        dir.display(),
-                        error_chain(&e)
-                    ))
-                })?)
-            }
-            Some(path) if !path.is_file() => {
-                return invalid(format!(
-                    "the image {} is not a file or a guest image directory (one with a {})",
-                    path.display(),
-                    guest_image::MANIFEST
-                ));
-            }
-            _ => None,
-        };
-        let mac = match &spec.mac {
-            Some(mac) => parse_mac(mac).map_err(HypervisorError::InvalidSpec)?,
-            None => mac_for_name(&spec.name),
-        };
-        Ok((mac, guest_image))
     }
 
     /// Makes the VM's files and defines its domain; the caller removes the
@@ -630,37 +499,15 @@ impl Libvirt {
         guest_image: Option<&GuestImage>,
     ) -> Result<(), HypervisorError> {
         const OP: &str = "createVM";
-        let files = VmFiles(&vm.dir);
-        let io_error = |source| HypervisorError::Io {
+        provision::make_disk(&self.img, vm, guest_image, self.settings.blank_disk_bytes)?;
+        self.write_fw_cfg(vm, OP)?;
+        let files = DomainFiles(&vm.dir);
+        let xml = self.domain_config(vm).to_xml();
+        fs::write(files.domain_xml(), xml).map_err(|source| HypervisorError::Io {
             vm: vm.spec.name.clone(),
             operation: OP,
             source,
-        };
-        let backing = match (guest_image, &vm.spec.image) {
-            (Some(image), _) => {
-                guest_image::link_or_copy(&image.kernel, &files.kernel()).map_err(io_error)?;
-                guest_image::link_or_copy(&image.initramfs, &files.initramfs())
-                    .map_err(io_error)?;
-                Some(image.disk.clone())
-            }
-            (None, image) => image.clone(),
-        };
-        match backing {
-            Some(backing) => {
-                let backing = fs::canonicalize(&backing).map_err(io_error)?;
-                let info = self.img.info(&backing).map_err(|e| failed(vm, OP, e))?;
-                self.img
-                    .create_overlay(&files.disk(), &backing, &info.format)
-                    .map_err(|e| failed(vm, OP, e))?;
-            }
-            None => self
-                .img
-                .create_blank(&files.disk(), self.settings.blank_disk_bytes)
-                .map_err(|e| failed(vm, OP, e))?,
-        }
-        self.write_fw_cfg(vm, OP)?;
-        let xml = self.domain_config(vm).to_xml();
-        fs::write(files.domain_xml(), xml).map_err(io_error)?;
+        })?;
         let xml_path = files.domain_xml().to_string_lossy().into_owned();
         self.virsh(vm, OP, &["define", "--file", &xml_path])
             .map(drop)
@@ -792,7 +639,7 @@ impl Libvirt {
     ) -> Result<Vec<(String, u64)>, HypervisorError> {
         Ok(self
             .img
-            .info(&VmFiles(&vm.dir).disk())
+            .info(&VmDir::new(&vm.dir).disk())
             .map_err(|e| failed(vm, operation, e))?
             .snapshots
             .into_iter()
@@ -817,18 +664,6 @@ struct SnapshotRecord {
     order: usize,
 }
 
-fn failed(
-    vm: &VmDefinition,
-    operation: &'static str,
-    error: impl std::error::Error,
-) -> HypervisorError {
-    HypervisorError::Failed {
-        vm: vm.spec.name.clone(),
-        operation,
-        message: error_chain(&error),
-    }
-}
-
 fn virsh_failed(vm: &VmDefinition, operation: &'static str, error: VirshError) -> HypervisorError {
     match error {
         VirshError::Timeout { secs, .. } => HypervisorError::Timeout {
@@ -846,79 +681,25 @@ fn virsh_failed(vm: &VmDefinition, operation: &'static str, error: VirshError) -
     }
 }
 
-/// `error: cause: cause`, for errors folded into a message string.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 impl Hypervisor for Libvirt {
     fn name(&self) -> &'static str {
         NAME
     }
 
     fn create(&self, spec: &VmSpec) -> Result<VmDefinition, HypervisorError> {
-        let (mac, guest_image) = self.validate_spec(spec)?;
-        let dir = self.vms_dir().join(&spec.name);
-        let files = VmFiles(&dir);
-        let mut stored = spec.clone();
-        if let Some(image) = &guest_image {
-            // Direct boot from the VM's own copies (made in make_vm).
-            stored.kernel = Some(files.kernel());
-            stored.initrd = Some(files.initramfs());
-            stored.kernel_args = Some(image.cmdline.clone());
-        }
-        let vm = VmDefinition {
-            spec: stored,
-            backend: NAME.into(),
-            mac,
-            dir: dir.clone(),
-        };
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(HypervisorError::InvalidSpec(format!(
-                    "a VM named {:?} already exists ({})",
-                    spec.name,
-                    dir.display()
-                )))
-            }
-            Err(source) => {
-                return Err(HypervisorError::Io {
-                    vm: spec.name.clone(),
-                    operation: "createVM",
-                    source,
-                })
-            }
-        }
-        if let Err(e) = self.make_vm(&vm, guest_image.as_ref()) {
-            // Best effort: a half-made VM directory would block the next create.
-            let _ = fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        Ok(vm)
+        let checked = provision::check_spec(spec)?;
+        provision::create(spec, NAME, &self.vms_dir(), checked, |vm, guest_image| {
+            self.make_vm(vm, guest_image)
+        })
     }
 
     fn remove(&self, vm: &VmDefinition) -> Result<(), HypervisorError> {
         const OP: &str = "removeVM";
-        if !vm.dir.starts_with(self.vms_dir()) {
-            return Err(HypervisorError::InvalidSpec(format!(
-                "VM {:?} has its files in {}, outside this backend's {}",
-                vm.spec.name,
-                vm.dir.display(),
-                self.vms_dir().display()
-            )));
-        }
+        provision::check_inside(vm, &self.vms_dir())?;
         let domain = self.domain_name(vm);
         if self.exists(vm, OP, &domain)? {
             self.check_owned(vm, OP, &domain)?;
-            if ALIVE.contains(&self.observe(vm, OP)?.state) {
+            if VmState::WITH_PROCESS.contains(&self.observe(vm, OP)?.state) {
                 self.virsh(vm, OP, &["destroy", "--domain", &domain])?;
             }
             self.virsh(
@@ -950,17 +731,10 @@ impl Hypervisor for Libvirt {
             OP,
             &[VmState::PoweredOff, VmState::Aborted, VmState::Saved],
         )?;
-        let files = VmFiles(&vm.dir);
         self.write_fw_cfg(vm, OP)?;
-        let io_error = |source| HypervisorError::Io {
-            vm: vm.spec.name.clone(),
-            operation: OP,
-            source,
-        };
-        let log = files.serial_log();
-        if fs::metadata(&log).is_ok_and(|m| m.len() > SERIAL_LOG_ROTATE_BYTES) {
-            fs::rename(&log, log.with_extension("log.old")).map_err(io_error)?;
-        }
+        VmDir::new(&vm.dir)
+            .rotate_serial_log()
+            .map_err(|e| failed(vm, OP, e))?;
         self.forget_crash(vm, OP)?;
         let domain = self.domain_name(vm);
         self.virsh(vm, OP, &["start", "--domain", &domain])
@@ -995,12 +769,12 @@ impl Hypervisor for Libvirt {
 
     fn power_off(&self, vm: &VmDefinition) -> Result<(), HypervisorError> {
         const OP: &str = "powerOff";
-        let mut allowed = ALIVE.to_vec();
+        let mut allowed = VmState::WITH_PROCESS.to_vec();
         allowed.push(VmState::Aborted);
         let observed = self.require(vm, OP, &allowed)?;
         if observed.state == VmState::Aborted {
             // Nothing runs; acknowledging the crash makes the VM PoweredOff.
-            return fs::write(VmFiles(&vm.dir).crash_acknowledged(), b"").map_err(|source| {
+            return fs::write(DomainFiles(&vm.dir).crash_acknowledged(), b"").map_err(|source| {
                 HypervisorError::Io {
                     vm: vm.spec.name.clone(),
                     operation: OP,
@@ -1030,13 +804,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn state(&self, vm: &VmDefinition) -> Result<VmState, HypervisorError> {
-        if !vm.dir.is_dir() {
-            return Err(HypervisorError::Failed {
-                vm: vm.spec.name.clone(),
-                operation: "getState",
-                message: format!("its directory {} is gone", vm.dir.display()),
-            });
-        }
+        provision::check_present(vm)?;
         Ok(self.observe(vm, "getState")?.state)
     }
 
@@ -1066,20 +834,8 @@ impl Hypervisor for Libvirt {
         description: &str,
     ) -> Result<SnapshotInfo, HypervisorError> {
         const OP: &str = "takeSnapshot";
-        if name.is_empty()
-            || name.len() > 128
-            || name.chars().any(char::is_control)
-            || name.contains('/')
-        {
-            return Err(HypervisorError::InvalidSpec(format!(
-                "snapshot name {name:?} must be 1 to 128 characters without '/' or control characters"
-            )));
-        }
-        if name.chars().all(|c| c.is_ascii_digit()) {
-            return Err(HypervisorError::InvalidSpec(format!(
-                "snapshot name {name:?} is all digits, which QEMU would take for a snapshot id"
-            )));
-        }
+        // libvirt keeps a file named after each snapshot.
+        image::check_snapshot_name(name, true).map_err(HypervisorError::InvalidSpec)?;
         self.require(
             vm,
             OP,
@@ -1200,7 +956,7 @@ impl Hypervisor for Libvirt {
 
     fn performance(&self, vm: &VmDefinition) -> Result<PerformanceData, HypervisorError> {
         const OP: &str = "getPerformanceData";
-        self.require(vm, OP, &ALIVE)?;
+        self.require(vm, OP, &VmState::WITH_PROCESS)?;
         let domain = self.domain_name(vm);
         let stats = virsh::key_values(&self.virsh(
             vm,
@@ -1216,24 +972,25 @@ impl Hypervisor for Libvirt {
                 .sum()
         };
         let process = self.qemu_process(vm).and_then(ProcessId::stats);
-        Ok(PerformanceData {
-            cpu_secs: number("cpu.time") as f64 / 1e9,
-            rss_bytes: match number("balloon.rss") {
-                0 => process.map_or(0, |p| p.rss_bytes),
-                kib => kib * 1024,
-            },
-            disk_read_bytes: sum("rd.bytes"),
-            disk_write_bytes: sum("wr.bytes"),
-            disk_read_ops: sum("rd.reqs"),
-            disk_write_ops: sum("wr.reqs"),
-            uptime_secs: process.map_or(0.0, |p| p.uptime_secs),
-            extra: vec![
-                ("disk_flush_ops".into(), sum("fl.reqs") as f64),
-                ("disk_read_time_ms".into(), sum("rd.times") as f64 / 1e6),
-                ("disk_write_time_ms".into(), sum("wr.times") as f64 / 1e6),
-                ("vcpus".into(), f64::from(vm.spec.cpus)),
-            ],
-        })
+        let disk = DiskCounters {
+            read_bytes: sum("rd.bytes"),
+            write_bytes: sum("wr.bytes"),
+            read_ops: sum("rd.reqs"),
+            write_ops: sum("wr.reqs"),
+            flush_ops: sum("fl.reqs"),
+            read_time_ns: sum("rd.times"),
+            write_time_ns: sum("wr.times"),
+        };
+        let rss_bytes = match number("balloon.rss") {
+            0 => process.map_or(0, |p| p.rss_bytes),
+            kib => kib * 1024,
+        };
+        Ok(disk.into_performance(
+            vm,
+            number("cpu.time") as f64 / 1e9,
+            rss_bytes,
+            process.map_or(0.0, |p| p.uptime_secs),
+        ))
     }
 }
 

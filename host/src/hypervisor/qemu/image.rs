@@ -4,7 +4,8 @@
 //! [`QemuImg`] runs the `qemu-img` binary and parses its `--output=json` answers
 //! ([`ImageInfo`], [`ImageSnapshot`]); a failure carries qemu-img's own stderr.
 //! Reads use `-U` (force share), so they also work on an image a running QEMU
-//! holds locked. What it does not do: snapshots of a running VM (QMP jobs do those,
+//! holds locked. [`check_snapshot_name`] is the rule for snapshot names of both
+//! QEMU-based backends. What it does not do: snapshots of a running VM (QMP jobs do those,
 //! see `mod.rs`), or any write to a backing image: overlays only ever name it.
 
 use std::io;
@@ -166,6 +167,32 @@ impl QemuImg {
     }
 }
 
+/// Checks the name of a new internal snapshot: 1 to 128 characters without control
+/// characters (nor '/' when `forbid_slash`: libvirt names a file after it), and not
+/// all digits, which QEMU would take for a snapshot id.
+pub fn check_snapshot_name(name: &str, forbid_slash: bool) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 128
+        || name.chars().any(char::is_control)
+        || (forbid_slash && name.contains('/'))
+    {
+        let without = if forbid_slash {
+            "'/' or control characters"
+        } else {
+            "control characters"
+        };
+        return Err(format!(
+            "snapshot name {name:?} must be 1 to 128 characters without {without}"
+        ));
+    }
+    if name.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "snapshot name {name:?} is all digits, which QEMU would take for a snapshot id"
+        ));
+    }
+    Ok(())
+}
+
 fn describe(args: &[std::ffi::OsString]) -> String {
     args.iter()
         .map(|a| a.to_string_lossy())
@@ -206,6 +233,18 @@ mod tests {
         let json = r#"{"virtual-size": 512, "filename": "base.raw", "format": "raw"}"#;
         let info: ImageInfo = serde_json::from_str(json).expect("parse");
         assert!(info.snapshots.is_empty());
+    }
+
+    #[test]
+    fn snapshot_names_are_checked() {
+        assert!(check_snapshot_name("before-upgrade", true).is_ok());
+        assert!(check_snapshot_name("a/b", false).is_ok());
+        let slash = check_snapshot_name("a/b", true).unwrap_err();
+        assert!(slash.contains("without '/' or control"), "{slash}");
+        assert!(check_snapshot_name("", false).is_err());
+        assert!(check_snapshot_name("a\nb", false).is_err());
+        let digits = check_snapshot_name("42", false).unwrap_err();
+        assert!(digits.contains("all digits"), "{digits}");
     }
 
     #[test]

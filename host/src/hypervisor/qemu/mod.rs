@@ -21,7 +21,10 @@
 //! state migrates to `saved.state`; start restores from it with `-incoming defer`.
 //! Snapshots are qcow2 internal snapshots: QMP jobs while QEMU runs (with the
 //! VM's memory), `qemu-img` ([`image`]) while it does not (disk only).
-//! The accelerator is chosen once per backend object ([`accel`]).
+//! The accelerator is chosen once per backend object ([`accel`]). What the
+//! `libvirt` backend shares with this one lives here too: the VM directory
+//! ([`vmdir`], [`provision`]), images ([`image`], [`guest_image`]), the guest's
+//! network and fw_cfg ([`broker_link`]) and the QEMU process ([`process`]).
 //!
 //! What it does not do: ACPI S3 on request (QMP has no suspend command: `sleep` is
 //! NotSupported, though a guest that suspends itself shows as Paused and resume
@@ -30,9 +33,11 @@
 //! start boots, even if the snapshot holds memory.
 
 pub mod accel;
+pub mod broker_link;
 pub mod guest_image;
 pub mod image;
 pub mod process;
+pub mod provision;
 pub mod qmp;
 pub mod vmdir;
 
@@ -43,31 +48,26 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 pub use self::accel::{AccelMode, Accelerator};
+pub use self::broker_link::{
+    FW_CFG_BEACON_INTERVAL, FW_CFG_BROKER, FW_CFG_PREFIX, GUEST_BROKER_ADDRESS,
+};
 
 use self::accel::AccelChoice;
-use self::guest_image::GuestImage;
+use self::broker_link::BrokerLink;
 use self::image::{ImageSnapshot, QemuImg};
 use self::process::ProcessId;
+use self::provision::CheckedSpec;
 use self::qmp::{QmpClient, QmpError};
 use self::vmdir::{Liveness, VmDir};
 use super::{
-    Hypervisor, HypervisorError, PerformanceData, SnapshotInfo, VmDefinition, VmSpec, VmState,
+    failed, require_state, DiskCounters, Hypervisor, HypervisorError, PerformanceData,
+    SnapshotInfo, VmDefinition, VmSpec, VmState,
 };
 
 /// The name stored in [`VmDefinition::backend`] for QEMU VMs.
 pub const NAME: &str = "qemu";
-/// The address a guest reaches the broker at (user networking's guestfwd).
-pub const GUEST_BROKER_ADDRESS: &str = "10.0.2.100";
-/// The fw_cfg entry holding `<address>:<port>` of the broker, read in the guest at
-/// `/sys/firmware/qemu_fw_cfg/by_name/opt/vmc/broker/raw`.
-pub const FW_CFG_BROKER: &str = "opt/vmc/broker";
-/// The fw_cfg entry holding the destination prefix the guest agent must use.
-pub const FW_CFG_PREFIX: &str = "opt/vmc/prefix";
-/// The fw_cfg entry holding the guest agent's beacon interval, in seconds.
-pub const FW_CFG_BEACON_INTERVAL: &str = "opt/vmc/beacon_interval";
 /// The block node of the VM's disk (QMP snapshot jobs name it).
 const DISK_NODE: &str = "disk0";
 /// The longest path a unix socket address holds (`sun_path` less its NUL).
@@ -167,16 +167,9 @@ impl Qemu {
     pub fn new(settings: QemuSettings) -> Result<Qemu, QemuSetupError> {
         check_option_safe(&settings.state_dir)
             .map_err(|e| QemuSetupError::Invalid(format!("state_dir: {e}")))?;
-        if let Some((host, port)) = &settings.broker_forward {
-            let valid = !host.is_empty()
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
-            if !valid || *port == 0 {
-                return Err(QemuSetupError::Invalid(format!(
-                    "broker_forward {host:?}:{port} is not a host name or address and a port"
-                )));
-            }
+        if settings.broker_forward.is_some() {
+            broker_link::check_broker_forward(settings.broker_forward.as_ref())
+                .map_err(QemuSetupError::Invalid)?;
             find_in_path("socat").ok_or_else(|| QemuSetupError::Binary {
                 binary: "socat".into(),
                 message: "not found in PATH (the guest's forward to the broker runs it)".into(),
@@ -195,17 +188,9 @@ impl Qemu {
             ));
         }
         let mut settings = settings;
-        let vms = settings.state_dir.join("vms");
-        fs::create_dir_all(&vms).map_err(|source| QemuSetupError::StateDir {
-            path: vms.clone(),
-            source,
-        })?;
         // Absolute from here on: a daemonized QEMU runs in `/`.
-        settings.state_dir =
-            fs::canonicalize(&settings.state_dir).map_err(|source| QemuSetupError::StateDir {
-                path: settings.state_dir.clone(),
-                source,
-            })?;
+        settings.state_dir = provision::make_state_dir(&settings.state_dir)
+            .map_err(|(path, source)| QemuSetupError::StateDir { path, source })?;
         let output = std::process::Command::new(&settings.qemu_binary)
             .arg("--version")
             .output()
@@ -371,15 +356,8 @@ impl Qemu {
         allowed: &[VmState],
     ) -> Result<Observed, HypervisorError> {
         let observed = self.observe(vm)?;
-        if allowed.contains(&observed.state) {
-            Ok(observed)
-        } else {
-            Err(HypervisorError::InvalidState {
-                vm: vm.spec.name.clone(),
-                operation,
-                state: observed.state,
-            })
-        }
+        require_state(vm, operation, observed.state, allowed)?;
+        Ok(observed)
     }
 
     /// Stops QEMU: records that we do, asks it to quit, kills it if it does not,
@@ -484,36 +462,17 @@ impl Qemu {
             "-device".into(),
             "virtio-rng-pci".into(),
         ]);
-        let mut netdev = "user,id=net0,restrict=on".to_owned();
-        let guest_port = self.settings.guest_broker_port;
-        if let Some((host, port)) = &self.settings.broker_forward {
-            netdev.push_str(&format!(
-                ",guestfwd=tcp:{GUEST_BROKER_ADDRESS}:{guest_port}-cmd:socat - TCP:{host}:{port}"
-            ));
-            args.extend([
-                "-fw_cfg".into(),
-                format!("name={FW_CFG_BROKER},string={GUEST_BROKER_ADDRESS}:{guest_port}"),
-            ]);
-        }
-        if let Some(prefix) = &self.settings.guest_prefix {
+        let link = self.broker_link();
+        for (entry, value) in link.fw_cfg_values() {
             args.extend([
                 "-fw_cfg".into(),
                 // QEMU's option syntax: a comma in a value is written twice.
-                format!("name={FW_CFG_PREFIX},string={}", prefix.replace(',', ",,")),
-            ]);
-        }
-        if let Some(interval) = self.settings.guest_beacon_interval {
-            args.extend([
-                "-fw_cfg".into(),
-                format!(
-                    "name={FW_CFG_BEACON_INTERVAL},string={}",
-                    interval.as_secs_f64()
-                ),
+                format!("name={entry},string={}", value.replace(',', ",,")),
             ]);
         }
         args.extend([
             "-netdev".into(),
-            netdev,
+            link.netdev("net0"),
             "-device".into(),
             // romfile= : no iPXE option ROM, nothing boots from the network.
             format!(
@@ -536,6 +495,16 @@ impl Qemu {
             args.extend(["-incoming".into(), "defer".into()]);
         }
         args
+    }
+
+    /// The guest's way to the broker, from the settings.
+    fn broker_link(&self) -> BrokerLink<'_> {
+        BrokerLink {
+            broker_forward: self.settings.broker_forward.as_ref(),
+            guest_broker_port: self.settings.guest_broker_port,
+            guest_prefix: self.settings.guest_prefix.as_deref(),
+            guest_beacon_interval: self.settings.guest_beacon_interval,
+        }
     }
 
     /// Polls `query-migrate` until the migration (either way) completes.
@@ -693,145 +662,34 @@ impl Qemu {
             })
     }
 
+    /// Both backends' checks ([`provision::check_spec`]), then QEMU's own: the QMP
+    /// socket's path length, and paths its option syntax can take.
     fn validate_spec(&self, spec: &VmSpec) -> Result<CheckedSpec, HypervisorError> {
-        let invalid = |message: String| Err(HypervisorError::InvalidSpec(message));
-        let name_ok = !spec.name.is_empty()
-            && spec.name.len() <= 64
-            && !spec.name.starts_with('.')
-            && spec
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-        if !name_ok {
-            return invalid(format!(
-                "VM name {:?} must be 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'",
-                spec.name
-            ));
-        }
+        let checked = provision::check_spec(spec)?;
         let socket = VmDir::new(self.vms_dir().join(&spec.name)).qmp_socket();
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return invalid(format!(
+            return Err(HypervisorError::InvalidSpec(format!(
                 "the QMP socket path {} would be longer than the {MAX_SOCKET_PATH} bytes a unix \
                  socket allows: use a shorter state_dir or VM name",
                 socket.display()
-            ));
+            )));
         }
-        if !(16..=1 << 20).contains(&spec.memory_mib) {
-            return invalid(format!(
-                "memory of {} MiB is not within 16 MiB..1 TiB",
-                spec.memory_mib
-            ));
+        if let Some(image) = &checked.guest_image {
+            check_option_safe(&image.disk)
+                .map_err(|e| HypervisorError::InvalidSpec(format!("the image's disk: {e}")))?;
         }
-        if !(1..=255).contains(&spec.cpus) {
-            return invalid(format!("{} CPUs is not within 1..255", spec.cpus));
-        }
-        if spec.kernel.is_none() && (spec.initrd.is_some() || spec.kernel_args.is_some()) {
-            return invalid("an initrd or kernel arguments need a kernel".into());
-        }
-        let guest_image = match &spec.image {
-            Some(dir) if GuestImage::is_image_dir(dir) => {
-                if spec.kernel.is_some() || spec.initrd.is_some() || spec.kernel_args.is_some() {
-                    return invalid(format!(
-                        "the guest image {} brings its own kernel, initramfs and command line: \
-                         give no kernel, initrd or kernel arguments with it",
-                        dir.display()
-                    ));
-                }
-                let image = GuestImage::open(dir).map_err(|e| {
-                    HypervisorError::InvalidSpec(format!(
-                        "the guest image {}: {}",
-                        dir.display(),
-                        error_chain(&e)
-                    ))
-                })?;
-                check_option_safe(&image.disk)
-                    .map_err(|e| HypervisorError::InvalidSpec(format!("the image's disk: {e}")))?;
-                Some(image)
-            }
-            Some(path) if !path.is_file() => {
-                return invalid(format!(
-                    "the image {} is not a file or a guest image directory (one with a {})",
-                    path.display(),
-                    guest_image::MANIFEST
-                ));
-            }
-            _ => None,
-        };
         for (what, path) in [
             ("image", &spec.image),
             ("kernel", &spec.kernel),
             ("initrd", &spec.initrd),
         ] {
             if let Some(path) = path {
-                if what != "image" && !path.is_file() {
-                    return invalid(format!("the {what} {} is not a file", path.display()));
-                }
                 check_option_safe(path)
                     .map_err(|e| HypervisorError::InvalidSpec(format!("the {what}: {e}")))?;
             }
         }
-        let mac = match &spec.mac {
-            Some(mac) => parse_mac(mac).map_err(HypervisorError::InvalidSpec)?,
-            None => mac_for_name(&spec.name),
-        };
-        Ok(CheckedSpec { mac, guest_image })
+        Ok(checked)
     }
-
-    /// Makes `disk` a qcow2 overlay over `backing` (a file; its format probed).
-    fn create_overlay(
-        &self,
-        vm: &VmDefinition,
-        disk: &Path,
-        backing: &Path,
-    ) -> Result<(), HypervisorError> {
-        let backing = fs::canonicalize(backing).map_err(|source| HypervisorError::Io {
-            vm: vm.spec.name.clone(),
-            operation: "createVM",
-            source,
-        })?;
-        let info = self
-            .img
-            .info(&backing)
-            .map_err(|e| failed(vm, "createVM", e))?;
-        self.img
-            .create_overlay(disk, &backing, &info.format)
-            .map_err(|e| failed(vm, "createVM", e))
-    }
-}
-
-/// A spec that passed [`Qemu::validate_spec`].
-#[derive(Debug)]
-struct CheckedSpec {
-    /// The NIC's MAC, upper-case: the given one or one made from the name.
-    mac: String,
-    /// The guest image directory the spec's image names, if it names one.
-    guest_image: Option<GuestImage>,
-}
-
-/// The MAC of a VM named `name` that was given none: `52:54:00` (QEMU's prefix)
-/// and three bytes of the name's SHA-256, upper-case.
-pub fn mac_for_name(name: &str) -> String {
-    let hash = Sha256::digest(name.as_bytes());
-    format!("52:54:00:{:02X}:{:02X}:{:02X}", hash[0], hash[1], hash[2])
-}
-
-/// Checks and upper-cases a unicast MAC address `XX:XX:XX:XX:XX:XX`.
-pub fn parse_mac(mac: &str) -> Result<String, String> {
-    let octets: Vec<&str> = mac.split(':').collect();
-    let hex_ok = octets.len() == 6
-        && octets
-            .iter()
-            .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()));
-    if !hex_ok {
-        return Err(format!(
-            "MAC address {mac:?} is not six hex octets separated by ':'"
-        ));
-    }
-    let first = u8::from_str_radix(octets[0], 16).map_err(|e| e.to_string())?;
-    if first & 1 == 1 {
-        return Err(format!("MAC address {mac:?} is a multicast address"));
-    }
-    Ok(mac.to_ascii_uppercase())
 }
 
 /// QEMU's option syntax splits at commas, and `file:` migration URIs cannot quote.
@@ -873,18 +731,6 @@ fn state_of_run_status(status: &str) -> VmState {
     }
 }
 
-fn failed(
-    vm: &VmDefinition,
-    operation: &'static str,
-    error: impl std::error::Error,
-) -> HypervisorError {
-    HypervisorError::Failed {
-        vm: vm.spec.name.clone(),
-        operation,
-        message: error_chain(&error),
-    }
-}
-
 fn qmp_failed(vm: &VmDefinition, operation: &'static str, error: QmpError) -> HypervisorError {
     match error {
         QmpError::Timeout { millis, .. } => HypervisorError::Timeout {
@@ -902,30 +748,6 @@ fn qmp_failed(vm: &VmDefinition, operation: &'static str, error: QmpError) -> Hy
     }
 }
 
-/// `error: cause: cause`, for errors folded into a message string.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// The states in which a QEMU process of ours runs.
-const ALIVE: [VmState; 8] = [
-    VmState::Running,
-    VmState::Paused,
-    VmState::Starting,
-    VmState::Stopping,
-    VmState::Saving,
-    VmState::Restoring,
-    VmState::Stuck,
-    VmState::Unknown,
-];
-
 impl Hypervisor for Qemu {
     fn name(&self) -> &'static str {
         NAME
@@ -933,76 +755,13 @@ impl Hypervisor for Qemu {
 
     fn create(&self, spec: &VmSpec) -> Result<VmDefinition, HypervisorError> {
         let checked = self.validate_spec(spec)?;
-        let dir = self.vms_dir().join(&spec.name);
-        let vm_dir = VmDir::new(&dir);
-        let mut stored = spec.clone();
-        if let Some(image) = &checked.guest_image {
-            // Direct boot from the VM's own copies (made below).
-            stored.kernel = Some(vm_dir.kernel());
-            stored.initrd = Some(vm_dir.initramfs());
-            stored.kernel_args = Some(image.cmdline.clone());
-        }
-        let vm = VmDefinition {
-            spec: stored,
-            backend: NAME.into(),
-            mac: checked.mac,
-            dir: dir.clone(),
-        };
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(HypervisorError::InvalidSpec(format!(
-                    "a VM named {:?} already exists ({})",
-                    spec.name,
-                    dir.display()
-                )))
-            }
-            Err(source) => {
-                return Err(HypervisorError::Io {
-                    vm: spec.name.clone(),
-                    operation: "createVM",
-                    source,
-                })
-            }
-        }
-        let disk = vm_dir.disk();
-        let made = match (&checked.guest_image, &spec.image) {
-            (Some(image), _) => [
-                (&image.kernel, vm_dir.kernel()),
-                (&image.initramfs, vm_dir.initramfs()),
-            ]
-            .into_iter()
-            .try_for_each(|(from, to)| {
-                guest_image::link_or_copy(from, &to).map_err(|source| HypervisorError::Io {
-                    vm: spec.name.clone(),
-                    operation: "createVM",
-                    source,
-                })
-            })
-            .and_then(|()| self.create_overlay(&vm, &disk, &image.disk)),
-            (None, Some(image)) => self.create_overlay(&vm, &disk, image),
-            (None, None) => self
-                .img
-                .create_blank(&disk, self.settings.blank_disk_bytes)
-                .map_err(|e| failed(&vm, "createVM", e)),
-        };
-        if let Err(e) = made {
-            // Best effort: a half-made VM directory would block the next create.
-            let _ = fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        Ok(vm)
+        provision::create(spec, NAME, &self.vms_dir(), checked, |vm, guest_image| {
+            provision::make_disk(&self.img, vm, guest_image, self.settings.blank_disk_bytes)
+        })
     }
 
     fn remove(&self, vm: &VmDefinition) -> Result<(), HypervisorError> {
-        if !vm.dir.starts_with(self.vms_dir()) {
-            return Err(HypervisorError::InvalidSpec(format!(
-                "VM {:?} has its files in {}, outside this backend's {}",
-                vm.spec.name,
-                vm.dir.display(),
-                self.vms_dir().display()
-            )));
-        }
+        provision::check_inside(vm, &self.vms_dir())?;
         if !vm.dir.exists() {
             return Ok(());
         }
@@ -1119,7 +878,7 @@ impl Hypervisor for Qemu {
 
     fn power_off(&self, vm: &VmDefinition) -> Result<(), HypervisorError> {
         const OP: &str = "powerOff";
-        let mut allowed = ALIVE.to_vec();
+        let mut allowed = VmState::WITH_PROCESS.to_vec();
         allowed.push(VmState::Aborted);
         let observed = self.require(vm, OP, &allowed)?;
         let dir = VmDir::new(&vm.dir);
@@ -1152,13 +911,7 @@ impl Hypervisor for Qemu {
     }
 
     fn state(&self, vm: &VmDefinition) -> Result<VmState, HypervisorError> {
-        if !vm.dir.is_dir() {
-            return Err(HypervisorError::Failed {
-                vm: vm.spec.name.clone(),
-                operation: "getState",
-                message: format!("its directory {} is gone", vm.dir.display()),
-            });
-        }
+        provision::check_present(vm)?;
         Ok(self.observe(vm)?.state)
     }
 
@@ -1207,16 +960,7 @@ impl Hypervisor for Qemu {
         description: &str,
     ) -> Result<SnapshotInfo, HypervisorError> {
         const OP: &str = "takeSnapshot";
-        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-            return Err(HypervisorError::InvalidSpec(format!(
-                "snapshot name {name:?} must be 1 to 128 characters without control characters"
-            )));
-        }
-        if name.chars().all(|c| c.is_ascii_digit()) {
-            return Err(HypervisorError::InvalidSpec(format!(
-                "snapshot name {name:?} is all digits, which QEMU would take for a snapshot id"
-            )));
-        }
+        image::check_snapshot_name(name, false).map_err(HypervisorError::InvalidSpec)?;
         let observed = self.require(
             vm,
             OP,
@@ -1352,7 +1096,7 @@ impl Hypervisor for Qemu {
 
     fn performance(&self, vm: &VmDefinition) -> Result<PerformanceData, HypervisorError> {
         const OP: &str = "getPerformanceData";
-        let observed = self.require(vm, OP, &ALIVE)?;
+        let observed = self.require(vm, OP, &VmState::WITH_PROCESS)?;
         let Some(id) = observed.process else {
             return Err(HypervisorError::InvalidState {
                 vm: vm.spec.name.clone(),
@@ -1377,56 +1121,22 @@ impl Hypervisor for Qemu {
                 .filter_map(|device| device.get("stats")?.get(key)?.as_u64())
                 .sum()
         };
-        Ok(PerformanceData {
-            cpu_secs: stats.cpu_secs,
-            rss_bytes: stats.rss_bytes,
-            disk_read_bytes: sum("rd_bytes"),
-            disk_write_bytes: sum("wr_bytes"),
-            disk_read_ops: sum("rd_operations"),
-            disk_write_ops: sum("wr_operations"),
-            uptime_secs: stats.uptime_secs,
-            extra: vec![
-                ("disk_flush_ops".into(), sum("flush_operations") as f64),
-                (
-                    "disk_read_time_ms".into(),
-                    sum("rd_total_time_ns") as f64 / 1e6,
-                ),
-                (
-                    "disk_write_time_ms".into(),
-                    sum("wr_total_time_ns") as f64 / 1e6,
-                ),
-                ("vcpus".into(), f64::from(vm.spec.cpus)),
-            ],
-        })
+        let disk = DiskCounters {
+            read_bytes: sum("rd_bytes"),
+            write_bytes: sum("wr_bytes"),
+            read_ops: sum("rd_operations"),
+            write_ops: sum("wr_operations"),
+            flush_ops: sum("flush_operations"),
+            read_time_ns: sum("rd_total_time_ns"),
+            write_time_ns: sum("wr_total_time_ns"),
+        };
+        Ok(disk.into_performance(vm, stats.cpu_secs, stats.rss_bytes, stats.uptime_secs))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_generated_mac_is_stable_local_qemu_and_upper_case() {
-        let mac = mac_for_name("web-1");
-        assert_eq!(mac, mac_for_name("web-1"));
-        assert_ne!(mac, mac_for_name("web-2"));
-        assert!(mac.starts_with("52:54:00:"), "{mac}");
-        assert_eq!(mac, mac.to_ascii_uppercase());
-        assert_eq!(parse_mac(&mac), Ok(mac.clone()));
-    }
-
-    #[test]
-    fn a_given_mac_is_checked_and_upper_cased() {
-        assert_eq!(
-            parse_mac("52:54:00:ab:cd:ef"),
-            Ok("52:54:00:AB:CD:EF".into())
-        );
-        assert!(parse_mac("52:54:00:ab:cd").is_err());
-        assert!(parse_mac("52-54-00-ab-cd-ef").is_err());
-        assert!(parse_mac("01:00:5e:00:00:01")
-            .unwrap_err()
-            .contains("multicast"));
-    }
 
     #[test]
     fn run_states_map_to_the_original_names() {
@@ -1503,7 +1213,7 @@ mod tests {
         let vm = VmDefinition {
             spec: VmSpec::new("isolated"),
             backend: NAME.into(),
-            mac: mac_for_name("isolated"),
+            mac: provision::mac_for_name("isolated"),
             dir: dir.path().join("vms/isolated"),
         };
         let args = qemu.command_line(&vm, false);
@@ -1559,7 +1269,7 @@ mod tests {
         let vm = VmDefinition {
             spec: VmSpec::new("web-1"),
             backend: NAME.into(),
-            mac: mac_for_name("web-1"),
+            mac: provision::mac_for_name("web-1"),
             dir: dir.path().join("vms/web-1"),
         };
         let args = qemu.command_line(&vm, false);

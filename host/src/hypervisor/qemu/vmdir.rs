@@ -2,14 +2,16 @@
 //! records that let a new backend object (a restarted host agent) tell what the VM
 //! is doing from the files alone.
 //!
-//! Layout: `disk.qcow2` (the overlay), `qmp.sock`, `qemu.pid` (written by QEMU),
-//! `qemu.log` (QEMU's stderr), `serial.log` (the guest's console, appended across
-//! boots), `saved.state` (a saved VM), `snapshots.json` (snapshot descriptions,
-//! which qcow2 cannot hold), `kernel` and `initramfs` (the VM's own copies of a
-//! guest image's boot files, see `guest_image.rs`), and two records of ours: `running` (pid and start time
-//! of the QEMU we launched, written after launch and removed only once we have
-//! seen it stop) and `stopping` (written before we stop it). So: `running` whose
-//! process is gone without `stopping` means QEMU died behind our back (Aborted).
+//! Layout of both QEMU-based backends (this one and `libvirt`): `disk.qcow2` (the
+//! overlay), `serial.log` (the guest's console, appended across boots, rotated by
+//! [`VmDir::rotate_serial_log`]), `kernel` and `initramfs` (the VM's own copies of
+//! a guest image's boot files, see `guest_image.rs`). The QEMU backend's own:
+//! `qmp.sock`, `qemu.pid` (written by QEMU), `qemu.log` (QEMU's stderr),
+//! `saved.state` (a saved VM), `snapshots.json` (snapshot descriptions, which qcow2
+//! cannot hold), and two records of ours: `running` (pid and start time of the QEMU
+//! we launched, written after launch and removed only once we have seen it stop)
+//! and `stopping` (written before we stop it). So: `running` whose process is gone
+//! without `stopping` means QEMU died behind our back (Aborted).
 //! What it does not do: launch or talk to QEMU.
 
 use std::collections::BTreeMap;
