@@ -399,3 +399,48 @@ async fn a_host_that_starts_after_its_guests_learns_who_they_are_at_once() {
     drop(guests);
     engine.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_vm_another_backend_made_is_refused_with_the_backend_to_run() {
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    // A state directory that a QEMU host agent used, opened by one that runs another
+    // backend (here the unmanaged one).
+    {
+        let store = vmc_host::store::Store::open_in(dir.path()).unwrap();
+        let definition = vmc_host::hypervisor::VmDefinition {
+            spec: vmc_host::hypervisor::VmSpec::new("old-qemu-vm"),
+            backend: "qemu".into(),
+            mac: "52:54:00:00:00:01".into(),
+            dir: dir.path().join("qemu/vms/old-qemu-vm"),
+        };
+        store
+            .put_vm(&vmc_host::store::VmRecord::from_definition(
+                &definition,
+                chrono::Utc::now(),
+            ))
+            .unwrap();
+    }
+    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
+    let err = engine
+        .lifecycle("old-qemu-vm", vmc_host::engine::vm::LifecycleOp::Start)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Hypervisor(HypervisorError::WrongBackend { .. })
+        ),
+        "{err:?}"
+    );
+    let text = vmc_protocol::agent_main::error_chain(&err);
+    assert!(text.contains("VMC_BACKEND=qemu"), "{text}");
+    // Still listed, its state honestly unknown.
+    let view = engine.vm("old-qemu-vm").await.unwrap();
+    assert_eq!(
+        (view.backend.as_str(), view.state.as_str()),
+        ("qemu", "Unknown")
+    );
+    engine.shutdown().await;
+}

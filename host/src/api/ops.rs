@@ -94,7 +94,9 @@ impl ApiError {
                 EngineError::Transfer { .. } => FaultCode::TransferFailed,
                 EngineError::Store(_) | EngineError::Internal(_) => FaultCode::Internal,
                 EngineError::Hypervisor(h) => match h {
-                    HypervisorError::NotSupported { .. } => FaultCode::NotSupported,
+                    HypervisorError::NotSupported { .. } | HypervisorError::WrongBackend { .. } => {
+                        FaultCode::NotSupported
+                    }
                     HypervisorError::InvalidState { .. } => FaultCode::InvalidState,
                     HypervisorError::NoSuchSnapshot { .. } => FaultCode::UnknownSnapshot,
                     HypervisorError::SnapshotExists { .. } => FaultCode::SnapshotExists,

@@ -18,6 +18,7 @@ use super::flush::Flusher;
 use super::transfer::{self, TransferActor, TransferPlan};
 use super::vm::{self, LifecycleOp, VmActor};
 use super::{new_id, EngineConfig, EngineError, EngineStatus, EventSender, FanoutView, VmView};
+use crate::hypervisor::foreign::Foreign;
 use crate::hypervisor::unmanaged::{self, Unmanaged};
 use crate::hypervisor::{Hypervisor, SnapshotInfo, VmSpec, VmState};
 use crate::store::{
@@ -128,11 +129,23 @@ impl Registry {
             .ok_or_else(|| EngineError::Internal("the engine has not booted".into()))
     }
 
+    /// The backend that manages VMs stored with `backend`: the configured one, the
+    /// unmanaged one, or, for a VM another backend made, a stand-in that refuses
+    /// every operation and names the backend to run.
     fn hypervisor_for(&self, backend: &str) -> Arc<dyn Hypervisor> {
         if backend == unmanaged::NAME {
             self.unmanaged.clone()
-        } else {
+        } else if backend == self.config.hypervisor.name() {
             self.config.hypervisor.clone()
+        } else {
+            log::warn!(
+                "a stored VM belongs to the {backend} backend; this host agent runs {}",
+                self.config.hypervisor.name()
+            );
+            Arc::new(Foreign {
+                backend: backend.to_owned(),
+                running: self.config.hypervisor.name(),
+            })
         }
     }
 

@@ -14,6 +14,7 @@
 //! the end ([`failed`], [`require_state`], [`DiskCounters`]) keep the backends'
 //! errors and figures alike.
 
+pub mod foreign;
 pub mod libvirt;
 pub mod qemu;
 pub mod unmanaged;
@@ -201,6 +202,15 @@ pub enum HypervisorError {
     SnapshotExists { vm: String, snapshot: String },
     #[error("invalid VM settings: {0}")]
     InvalidSpec(String),
+    #[error(
+        "VM {vm:?} was made by the {backend} backend, but this host agent runs {running}: \
+         start vmc-host with VMC_BACKEND={backend} to manage it"
+    )]
+    WrongBackend {
+        vm: String,
+        backend: String,
+        running: &'static str,
+    },
     #[error("{operation} of VM {vm:?} failed: {message}")]
     Failed {
         vm: String,
