@@ -96,7 +96,8 @@ async fn scenarios(
 
     let rt_guest = guest("rt-0");
     wait_alive(&engine, "rt-", 1, Duration::from_secs(30)).await?;
-    match round_trip(mode, &engine).await {
+    let subject = "vmc engine (in-process) → guest process";
+    match round_trip(mode, &engine, "rt-0", subject, "RabbitMQ").await {
         Ok(mut r) => rows.append(&mut r),
         Err(e) => failures.push(format!("{ROUND_TRIP} (engine): {e}")),
     }
@@ -129,13 +130,21 @@ async fn scenarios(
     Ok(())
 }
 
-async fn round_trip(mode: &Mode, engine: &Engine) -> Result<Vec<Row>, BenchError> {
+/// `mode.round_trips` sequential `runCmd(vm, "true")` + wait per repetition:
+/// p50 and p99 rows of `subject`.
+pub(crate) async fn round_trip(
+    mode: &Mode,
+    engine: &Engine,
+    vm: &str,
+    subject: &str,
+    broker: &str,
+) -> Result<Vec<Row>, BenchError> {
     let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
     for _ in 0..mode.repetitions {
         let mut samples = Vec::with_capacity(mode.round_trips);
         for _ in 0..mode.round_trips {
             let start = Instant::now();
-            let cmd_id = engine.run_command("rt-0", CommandSpec::new("true")).await?;
+            let cmd_id = engine.run_command(vm, CommandSpec::new("true")).await?;
             let record = engine.wait_command(&cmd_id, PATIENCE).await?;
             samples.push(start.elapsed());
             if record.state != CommandState::Finished {
@@ -145,9 +154,8 @@ async fn round_trip(mode: &Mode, engine: &Engine) -> Result<Vec<Row>, BenchError
         p50s.push(ms(percentile(&samples, 0.5)));
         p99s.push(ms(percentile(&samples, 0.99)));
     }
-    let subject = "vmc engine (in-process) → guest process";
     let note = format!(
-        "{} sequential runCmd(\"true\") + wait per repetition, RabbitMQ",
+        "{} sequential runCmd(\"true\") + wait per repetition, {broker}",
         mode.round_trips
     );
     Ok(vec![

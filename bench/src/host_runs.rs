@@ -14,8 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use vmc_tests::agents::{GuestOptions, GuestProcess};
 
-pub const API: &str = "3. API";
-pub const MEMORY: &str = "4. Memory";
+pub const API: &str = "5. API";
+pub const MEMORY: &str = "6. Memory";
 
 /// Whether an XML-RPC answer is a fault.
 pub fn is_fault(body: &[u8]) -> bool {
@@ -51,14 +51,26 @@ fn first_string(body: &[u8]) -> Option<String> {
 
 /// A `vmc-host` process, killed when dropped.
 #[derive(Debug)]
-struct HostProcess {
+pub(crate) struct HostProcess {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
 impl HostProcess {
     fn start(bin: &Path, broker_port: u16, prefix: &str) -> Result<HostProcess, BenchError> {
+        // Simulated guests never beacon: keep them from turning lost mid-run.
+        HostProcess::start_with_beacon(bin, broker_port, prefix, Duration::from_secs(600))
+    }
+
+    /// A host whose presence thresholds follow `beacon_interval` (suspect after 3
+    /// intervals of silence, lost after 4.5).
+    pub(crate) fn start_with_beacon(
+        bin: &Path,
+        broker_port: u16,
+        prefix: &str,
+        beacon_interval: Duration,
+    ) -> Result<HostProcess, BenchError> {
         let dir = tempfile::tempdir().map_err(BenchError::io("creating the host state dir"))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -79,8 +91,10 @@ impl HostProcess {
             .env("VMC_LOGIN", "guest")
             .env("VMC_PASSCODE", "guest")
             .env("VMC_HOST_ID", format!("{prefix}-host"))
-            // Simulated guests never beacon: keep them from turning lost mid-run.
-            .env("VMC_BEACON_INTERVAL", "600")
+            .env(
+                "VMC_BEACON_INTERVAL",
+                beacon_interval.as_secs_f64().to_string(),
+            )
             .stdin(Stdio::null())
             .spawn()
             .map_err(BenchError::io(format!("starting {}", bin.display())))?;
@@ -91,7 +105,7 @@ impl HostProcess {
         })
     }
 
-    fn usage(&self) -> machine::ProcessUsage {
+    pub(crate) fn usage(&self) -> machine::ProcessUsage {
         machine::usage(&self.child.id().to_string())
     }
 

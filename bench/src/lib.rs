@@ -1,22 +1,30 @@
 //! The vmcontroller benchmark harness: each scenario of issue 7 that is measured
-//! so far, run against real agents on the real RabbitMQ, side by side with its
+//! so far, run against real agents on the real brokers, side by side with its
 //! peer where one exists, and reported as medians with min/max over repetitions.
 //!
 //! [`engine_runs`] drives the host engine in-process (an actix System) against
 //! real `vmc-guest` processes; [`host_runs`] drives a real `vmc-host` process
 //! through its XML-RPC and JSON API, with VMs registered by a STOMP guest
-//! simulator ([`simulator`]); [`ssh_peer`] is the `ssh`/ControlMaster peer.
+//! simulator ([`simulator`]); [`presence_runs`] keeps thousands of simulated
+//! guests beaconing at a real `vmc-host` and times its detection of lost ones on
+//! its event stream ([`event_stream`]); [`transfer_runs`] copies files both ways
+//! through each broker next to the broker's raw ceiling ([`raw_stomp`]) and `scp`,
+//! and repeats the round trip on ActiveMQ; [`ssh_peer`] is the `ssh`/`scp` peer.
 //! [`report`] turns rows into the table printed and written to `BENCHMARKS.md`.
 //! It deliberately does not assert any limit: benchmarks print figures.
 
 pub mod engine_runs;
+pub mod event_stream;
 pub mod host_runs;
 pub mod http_client;
 pub mod machine;
+pub mod presence_runs;
+pub mod raw_stomp;
 pub mod report;
 pub mod simulator;
 pub mod ssh_peer;
 pub mod stats;
+pub mod transfer_runs;
 
 use std::time::Duration;
 
@@ -39,6 +47,18 @@ pub struct Mode {
     pub load_duration: Duration,
     /// Concurrent API connections.
     pub connections: usize,
+    /// Repetitions of the long scenarios (presence, file transfer).
+    pub heavy_repetitions: usize,
+    /// Simulated guests beaconing in the presence scenario.
+    pub presence_guests: usize,
+    /// Their beacon interval (also the host's `beacon_interval`).
+    pub beacon_interval: Duration,
+    /// How long each host CPU measurement of the presence scenario lasts.
+    pub presence_window: Duration,
+    /// Guests silenced at once in each detection repetition.
+    pub lost_guests: usize,
+    /// Bytes of each file transfer.
+    pub transfer_bytes: u64,
 }
 
 impl Mode {
@@ -52,6 +72,12 @@ impl Mode {
             simulated_vms: 1000,
             load_duration: Duration::from_secs(5),
             connections: 64,
+            heavy_repetitions: 3,
+            presence_guests: 10_000,
+            beacon_interval: Duration::from_secs(10),
+            presence_window: Duration::from_secs(20),
+            lost_guests: 100,
+            transfer_bytes: 1 << 30,
         }
     }
 
@@ -65,6 +91,12 @@ impl Mode {
             simulated_vms: 100,
             load_duration: Duration::from_secs(1),
             connections: 64,
+            heavy_repetitions: 2,
+            presence_guests: 500,
+            beacon_interval: Duration::from_secs(1),
+            presence_window: Duration::from_secs(2),
+            lost_guests: 100,
+            transfer_bytes: 32 << 20,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `vmc-bench`: runs the benchmark scenarios, prints the table and writes it with
 //! the machine it ran on (the full mode to `BENCHMARKS.md` at the workspace root,
-//! the short mode to `target/BENCHMARKS.short.md`, `--output` to elsewhere).
+//! the short mode to `target/BENCHMARKS.short.md`, a partial run (`--only`) to
+//! `target/BENCHMARKS.partial.md`, `--output` to elsewhere).
 //! Exits non-zero when any scenario failed.
 //!
 //!   cargo build --release --bins && cargo run --release -p vmc-bench
@@ -9,14 +10,20 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use vmc_bench::report::{self, Row};
-use vmc_bench::{engine_runs, host_runs, machine, ssh_peer, stats, Mode};
+use vmc_bench::transfer_runs::{self, Broker};
+use vmc_bench::{engine_runs, host_runs, machine, presence_runs, ssh_peer, stats, Mode};
 
-const USAGE: &str = "usage: vmc-bench [--short] [--output PATH]\n\
+const USAGE: &str = "usage: vmc-bench [--short] [--only GROUPS] [--output PATH]\n\
   --short   a quick run (small N, few repetitions) that checks every scenario works\n\
+  --only    a comma-separated subset of the groups: engine (ssh peer, round trip,\n\
+            fan-out), host (XML-RPC round trip, API, memory), presence, transfer\n\
+            (file transfer on both brokers, ActiveMQ round trip); written to\n\
+            target/BENCHMARKS.partial.md unless --output says otherwise\n\
   --output  where to write the Markdown report (default: BENCHMARKS.md for the full\n\
             mode, target/BENCHMARKS.short.md for the short one)\n\
   VMC_HOST_BIN / VMC_GUEST_BIN override the agents (default: next to vmc-bench);\n\
-  VMC_BENCH_BROKER_PORT the RabbitMQ STOMP port (default 61613, started if down)";
+  VMC_BENCH_BROKER_PORT the RabbitMQ STOMP port (default 61613, started if down);\n\
+  VMC_BENCH_ACTIVEMQ_PORT the ActiveMQ STOMP port (default 61614, started if down)";
 
 fn workspace_root() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -39,6 +46,26 @@ fn agent_binary(name: &str, var: &str) -> Result<PathBuf, String> {
              the full mode) or set {var}",
             path.display()
         ))
+    }
+}
+
+/// The STOMP port of a broker: `var` when set, else the default instance, started
+/// by its `deploy/brokers/` script if it is down.
+fn broker(root: &Path, var: &str, script: &str, port: u16) -> Result<u16, String> {
+    if let Ok(value) = std::env::var(var) {
+        return value
+            .parse()
+            .map_err(|_| format!("{var}={value:?} is not a port"));
+    }
+    let script = root.join("deploy/brokers").join(script);
+    match Command::new("bash").arg(&script).arg("start").output() {
+        Ok(out) if out.status.success() => Ok(port),
+        Ok(out) => Err(format!(
+            "{} start failed:\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )),
+        Err(e) => Err(format!("cannot run {}: {e}", script.display())),
     }
 }
 
@@ -76,12 +103,26 @@ fn ssh_rows(mode: &Mode) -> Vec<Row> {
 }
 
 fn main() -> ExitCode {
-    let (mut mode, mut output) = (Mode::full(), None);
+    const GROUPS: [&str; 4] = ["engine", "host", "presence", "transfer"];
+    let (mut mode, mut output, mut only) = (Mode::full(), None, None::<Vec<String>>);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--short" => mode = Mode::short(),
             "--output" => output = args.next().map(PathBuf::from),
+            "--only" => {
+                let groups: Vec<String> = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect();
+                if let Some(bad) = groups.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+                    eprintln!("vmc-bench: unknown group {bad:?} for --only\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+                only = Some(groups);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -93,10 +134,12 @@ fn main() -> ExitCode {
         }
     }
     let root = workspace_root();
-    let output = output.unwrap_or_else(|| match mode.name {
-        "full" => root.join("BENCHMARKS.md"),
+    let output = output.unwrap_or_else(|| match (mode.name, &only) {
+        (_, Some(_)) => root.join("target/BENCHMARKS.partial.md"),
+        ("full", None) => root.join("BENCHMARKS.md"),
         _ => root.join("target/BENCHMARKS.short.md"),
     });
+    let wanted = |group: &str| only.as_ref().is_none_or(|g| g.iter().any(|g| g == group));
     let (host_bin, guest_bin) = match (
         agent_binary("vmc-host", "VMC_HOST_BIN"),
         agent_binary("vmc-guest", "VMC_GUEST_BIN"),
@@ -109,47 +152,66 @@ fn main() -> ExitCode {
     };
     // vmc_tests::agents::GuestProcess finds the guest through this variable.
     std::env::set_var("VMC_GUEST_BIN", &guest_bin);
-    let broker_port = match std::env::var("VMC_BENCH_BROKER_PORT") {
-        Ok(port) => match port.parse() {
-            Ok(port) => port,
-            Err(_) => {
-                eprintln!("vmc-bench: VMC_BENCH_BROKER_PORT={port:?} is not a port");
-                return ExitCode::from(2);
-            }
-        },
-        Err(_) => {
-            let script = root.join("deploy/brokers/rabbitmq.sh");
-            match Command::new("bash").arg(&script).arg("start").output() {
-                Ok(out) if out.status.success() => {}
-                Ok(out) => {
-                    eprintln!(
-                        "vmc-bench: {} start failed:\n{}",
-                        script.display(),
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                    return ExitCode::from(2);
-                }
-                Err(e) => {
-                    eprintln!("vmc-bench: cannot run {}: {e}", script.display());
-                    return ExitCode::from(2);
-                }
-            }
-            61613
+    let (broker_port, activemq_port) = match (
+        broker(&root, "VMC_BENCH_BROKER_PORT", "rabbitmq.sh", 61613),
+        broker(&root, "VMC_BENCH_ACTIVEMQ_PORT", "activemq.sh", 61614),
+    ) {
+        (Ok(rabbitmq), Ok(activemq)) => (rabbitmq, activemq),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("vmc-bench: {e}");
+            return ExitCode::from(2);
         }
     };
 
     let machine = machine::Machine::probe();
     eprintln!("vmc-bench: {} mode on {machine}", mode.name);
-    eprintln!("vmc-bench: ssh peer ...");
-    let ssh = ssh_rows(&mode);
-    eprintln!("vmc-bench: in-process engine (round trip, fan-out) ...");
-    let (engine_rows, mut failures) = engine_runs::run(&mode, broker_port);
-    eprintln!("vmc-bench: vmc-host process (XML-RPC round trip, API, memory) ...");
-    let (host_rows, host_failures) = host_runs::run(&mode, broker_port, &host_bin);
-    failures.extend(host_failures);
+    // Every subject's rows, and the ssh peer's apart (the round trip rows are
+    // compared with it below).
+    let (mut ssh, mut measured, mut failures) = (Vec::new(), Vec::new(), Vec::new());
+    if wanted("engine") {
+        eprintln!("vmc-bench: ssh peer ...");
+        ssh = ssh_rows(&mode);
+        eprintln!("vmc-bench: in-process engine (round trip, fan-out) ...");
+        let (rows, more) = engine_runs::run(&mode, broker_port);
+        measured.extend(rows);
+        failures.extend(more);
+    }
+    if wanted("host") {
+        eprintln!("vmc-bench: vmc-host process (XML-RPC round trip, API, memory) ...");
+        let (rows, more) = host_runs::run(&mode, broker_port, &host_bin);
+        measured.extend(rows);
+        failures.extend(more);
+    }
+    if wanted("presence") {
+        eprintln!(
+            "vmc-bench: presence at scale ({} simulated guests) ...",
+            mode.presence_guests
+        );
+        let (rows, more) = presence_runs::run(&mode, broker_port, &host_bin);
+        measured.extend(rows);
+        failures.extend(more);
+    }
+    if wanted("transfer") {
+        eprintln!(
+            "vmc-bench: file transfer (both brokers, raw STOMP, scp), ActiveMQ round trip ..."
+        );
+        let brokers = [
+            Broker {
+                name: "RabbitMQ",
+                port: broker_port,
+            },
+            Broker {
+                name: "ActiveMQ",
+                port: activemq_port,
+            },
+        ];
+        let (rows, more) = transfer_runs::run(&mode, &brokers);
+        measured.extend(rows);
+        failures.extend(more);
+    }
 
     let mut rows: Vec<Row> = Vec::new();
-    for row in engine_rows.into_iter().chain(host_rows) {
+    for row in measured {
         let peer = ssh
             .iter()
             .find(|p| p.scenario == row.scenario && p.figure == row.figure);

@@ -120,8 +120,9 @@ pub fn document(
     let _ = writeln!(
         out,
         "Written by `vmc-bench` (`bench/`); run it with `{command}`. Figures are medians \
-         with min – max over repetitions; a ratio below 1 means vmcontroller is faster \
-         (or smaller) than the peer.\n"
+         with min – max over repetitions; for times and sizes a ratio below 1 means \
+         vmcontroller is faster (or smaller) than the peer, for rates (MB/s, req/s) a \
+         ratio above 1 does.\n"
     );
     let _ = writeln!(out, "**Machine:** {machine}  ");
     let _ = writeln!(out, "**Mode:** {mode}\n");

@@ -1,7 +1,10 @@
 //! The round-trip peer: `ssh root@127.0.0.1 true` over a reused master connection
 //! (ControlMaster) to a private `sshd` on a free loopback port, with a throwaway
-//! host key and a throwaway client key. It never touches the system's sshd, keys
-//! or known_hosts, and it stops its own `sshd` (by pid) and master when dropped.
+//! host key and a throwaway client key; and the file transfer peer, `scp` over the
+//! same master. Its sftp subsystem is sshd's `internal-sftp`, so `scp` (SFTP mode)
+//! starts no shell and root's shell start-up files cost it nothing. It never
+//! touches the system's sshd, keys or known_hosts, and it stops its own `sshd` (by
+//! pid) and master when dropped.
 
 use crate::BenchError;
 use std::path::{Path, PathBuf};
@@ -66,7 +69,7 @@ impl SshPeer {
             "HostKey {dir}/host_key\nPidFile {dir}/sshd.pid\n\
              AuthorizedKeysFile {dir}/authorized_keys\nPermitRootLogin prohibit-password\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-             StrictModes no\nLogLevel ERROR\n",
+             StrictModes no\nLogLevel ERROR\nSubsystem sftp internal-sftp\n",
             dir = d.display()
         );
         std::fs::write(d.join("sshd_config"), config)
@@ -92,8 +95,15 @@ impl SshPeer {
     }
 
     fn ssh(&self) -> Command {
+        let mut command = self.client("ssh");
+        command.args(["-p", &self.port.to_string()]);
+        command
+    }
+
+    /// `ssh` or `scp` with the key, the master connection and quiet defaults.
+    fn client(&self, program: &str) -> Command {
         let d = self.dir.path();
-        let mut command = Command::new("ssh");
+        let mut command = Command::new(program);
         command
             .arg("-i")
             .arg(d.join("client_key"))
@@ -111,7 +121,7 @@ impl SshPeer {
                 "-o",
             ])
             .arg(format!("ControlPath={}/cm", d.display()))
-            .args(["-o", "ControlPersist=60", "-p", &self.port.to_string()])
+            .args(["-o", "ControlPersist=60"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -131,6 +141,22 @@ impl SshPeer {
             Err(BenchError::Api(
                 "ssh did not keep a master connection (ControlMaster)".into(),
             ))
+        }
+    }
+
+    /// One `scp -q FROM TO` over the master (SFTP mode); a remote side is written
+    /// `root@127.0.0.1:/path`. Timed.
+    pub fn scp(&self, from: &str, to: &str) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        let status = self
+            .client("scp")
+            .args(["-q", "-P", &self.port.to_string(), from, to])
+            .status()
+            .map_err(BenchError::io("running scp"))?;
+        if status.success() {
+            Ok(start.elapsed())
+        } else {
+            Err(BenchError::Api(format!("scp {from} {to} failed: {status}")))
         }
     }
 
