@@ -6,8 +6,10 @@
 //! `FILE_END`; the guest checks the SHA-256, renames its temporary file into place
 //! and answers `FILE_DONE`. Download (`cpFileFromVM`): `FILE_GET` from the offset of
 //! our own partial file, `FILE_READY` tells size and SHA-256, chunks are written at
-//! their offsets into `<local>.vmc-part-<id>` and acknowledged, and on `FILE_END`
-//! the whole file is hashed, renamed into place and `FILE_DONE` is sent. Every
+//! their offsets into `<local>.vmc-part-<id>` (hashed as they arrive in order) and
+//! acknowledged, and on `FILE_END` the file is flushed, its SHA-256 checked (read
+//! again only if the transfer resumed), renamed into place and `FILE_DONE` is sent;
+//! that work runs on the blocking pool, never on the actors' thread. Every
 //! `stall` without progress (a chunk lost with a broker restart), the request is
 //! repeated with the same transfer id and the transfer resumes from where the
 //! receiving side stands. A failure removes our partial file and ends with the
@@ -41,14 +43,61 @@ pub fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
         size += n as u64;
         hasher.update(&buf[..n]);
     }
-    Ok((
-        size,
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    ))
+    Ok((size, hex(hasher)))
+}
+
+fn hex(hasher: Sha256) -> String {
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Flushes a received file, checks it against what the guest announced and moves
+/// it into place (blocking). `hashed` is the digest of the whole file when every
+/// byte was hashed on arrival; otherwise the file is read again.
+fn finish_download(
+    file: Option<File>,
+    part: &Path,
+    local: &Path,
+    hashed: Option<(u64, Sha256)>,
+    size: u64,
+    sha256: &str,
+) -> Result<(u64, String), (FileErrorCode, String)> {
+    if let Some(f) = file {
+        f.sync_all().map_err(|e| {
+            (
+                FileErrorCode::Io,
+                format!("cannot sync {}: {e}", part.display()),
+            )
+        })?;
+    }
+    let (got_size, got_sha) = match hashed {
+        Some((n, hasher)) if n == size => (n, hex(hasher)),
+        _ => sha256_file(part).map_err(|e| {
+            (
+                FileErrorCode::Io,
+                format!("cannot read {}: {e}", part.display()),
+            )
+        })?,
+    };
+    if got_size != size || got_sha != sha256 {
+        return Err((
+            FileErrorCode::ChecksumMismatch,
+            format!(
+                "received {got_size} bytes with SHA-256 {got_sha}, the guest sent {size} bytes \
+                 with {sha256}"
+            ),
+        ));
+    }
+    std::fs::rename(part, local).map_err(|e| {
+        (
+            FileErrorCode::Io,
+            format!("cannot move the file to {}: {e}", local.display()),
+        )
+    })?;
+    Ok((size, got_sha))
 }
 
 /// Which way the bytes go, with what each side needs.
@@ -65,6 +114,11 @@ enum Direction {
         file: Option<File>,
         size: Option<u64>,
         sha256: Option<String>,
+        /// The digest of bytes `0..n` as they were written in order; `None` once a
+        /// resume broke the sequence (then the file is read again at the end).
+        hashed: Option<(u64, Sha256)>,
+        /// `FILE_END` arrived and the file is being checked: the rest is ignored.
+        completing: bool,
     },
 }
 
@@ -135,6 +189,8 @@ impl TransferActor {
                     file: None,
                     size: None,
                     sha256: None,
+                    hashed: Some((0, Sha256::new())),
+                    completing: false,
                 }
             }
         };
@@ -318,7 +374,14 @@ impl TransferActor {
     }
 
     fn on_chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
-        let Direction::FromGuest { part, file, .. } = &mut self.direction else {
+        let Direction::FromGuest {
+            part,
+            file,
+            hashed,
+            completing: false,
+            ..
+        } = &mut self.direction
+        else {
             return Ok(());
         };
         if offset != self.done {
@@ -344,6 +407,13 @@ impl TransferActor {
                 .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
         }
         let done = offset + data.len() as u64;
+        match hashed {
+            Some((n, hasher)) if *n == offset => {
+                hasher.update(data);
+                *n = done;
+            }
+            _ => *hashed = None,
+        }
         self.progress(done);
         self.send(Word::FileAck {
             transfer_id: self.id.clone(),
@@ -352,42 +422,59 @@ impl TransferActor {
         Ok(())
     }
 
-    /// Verifies and moves a finished download into place.
-    fn complete_download(
-        &mut self,
-        size: u64,
-        sha256: &str,
-    ) -> Result<(u64, String), (FileErrorCode, String)> {
-        let Direction::FromGuest { part, file, .. } = &mut self.direction else {
-            return Err((FileErrorCode::Protocol, "FILE_END for an upload".into()));
+    /// Verifies and moves a finished download into place on the blocking pool, then
+    /// answers the guest and ends.
+    fn complete_download(&mut self, size: u64, sha256: String, ctx: &mut Context<Self>) {
+        let Direction::FromGuest {
+            part,
+            file,
+            hashed,
+            completing,
+            ..
+        } = &mut self.direction
+        else {
+            let outcome = Err((FileErrorCode::Protocol, "FILE_END for an upload".into()));
+            return self.answer_end(outcome, ctx);
         };
-        if let Some(f) = file.take() {
-            f.sync_all().map_err(|e| {
-                (
+        if *completing {
+            return; // a repeated FILE_END while the first is being checked
+        }
+        *completing = true;
+        let (file, part, local, hashed) =
+            (file.take(), part.clone(), self.local.clone(), hashed.take());
+        let check = tokio::task::spawn_blocking(move || {
+            finish_download(file, &part, &local, hashed, size, &sha256)
+        });
+        ctx.wait(check.into_actor(self).map(|checked, act, ctx| {
+            let outcome = checked.unwrap_or_else(|e| {
+                Err((
                     FileErrorCode::Io,
-                    format!("cannot sync {}: {e}", part.display()),
-                )
-            })?;
+                    format!("checking the received file panicked: {e}"),
+                ))
+            });
+            act.answer_end(outcome, ctx);
+        }));
+    }
+
+    /// Tells the guest how a download ended, then ends.
+    fn answer_end(
+        &mut self,
+        outcome: Result<(u64, String), (FileErrorCode, String)>,
+        ctx: &mut Context<Self>,
+    ) {
+        match &outcome {
+            Ok((size, sha)) => self.send(Word::FileDone {
+                transfer_id: self.id.clone(),
+                size: *size,
+                sha256: sha.clone(),
+            }),
+            Err((code, message)) => self.send(Word::FileError {
+                transfer_id: self.id.clone(),
+                code: *code,
+                message: message.clone(),
+            }),
         }
-        let (got_size, got_sha) = sha256_file(part).map_err(|e| {
-            (
-                FileErrorCode::Io,
-                format!("cannot read {}: {e}", part.display()),
-            )
-        })?;
-        if got_size != size || got_sha != sha256 {
-            return Err((
-                FileErrorCode::ChecksumMismatch,
-                format!("received {got_size} bytes with SHA-256 {got_sha}, the guest sent {size} bytes with {sha256}"),
-            ));
-        }
-        std::fs::rename(&*part, &self.local).map_err(|e| {
-            (
-                FileErrorCode::Io,
-                format!("cannot move the file to {}: {e}", self.local.display()),
-            )
-        })?;
-        Ok((size, got_sha))
+        self.end(outcome, ctx);
     }
 }
 
@@ -462,10 +549,15 @@ impl Handler<FromGuest> for TransferActor {
                         }
                     }
                     Direction::FromGuest {
+                        completing: true, ..
+                    } => {}
+                    Direction::FromGuest {
                         size: s,
                         sha256: h,
                         part,
                         file,
+                        hashed,
+                        ..
                     } => {
                         *s = size;
                         *h = sha256;
@@ -476,6 +568,8 @@ impl Handler<FromGuest> for TransferActor {
                                 .open(&*part)
                                 .and_then(|f| f.set_len(offset));
                             self.done = offset;
+                            // Bytes hashed past the cut are gone from the file.
+                            *hashed = (offset == 0).then(|| (0, Sha256::new()));
                         }
                     }
                 }
@@ -500,20 +594,7 @@ impl Handler<FromGuest> for TransferActor {
                 }
             }
             Word::FileEnd { size, sha256, .. } if !upload => {
-                let outcome = self.complete_download(size, &sha256);
-                match &outcome {
-                    Ok((size, sha)) => self.send(Word::FileDone {
-                        transfer_id: self.id.clone(),
-                        size: *size,
-                        sha256: sha.clone(),
-                    }),
-                    Err((code, message)) => self.send(Word::FileError {
-                        transfer_id: self.id.clone(),
-                        code: *code,
-                        message: message.clone(),
-                    }),
-                }
-                self.end(outcome, ctx);
+                self.complete_download(size, sha256, ctx);
             }
             Word::FileDone { size, sha256, .. } if upload => {
                 self.progress(size);
