@@ -59,6 +59,8 @@ pub struct CommandActor {
     spec: vmc_protocol::words::CommandSpec,
     recovering: bool,
     finished: bool,
+    /// `CMD_STARTED` came (possibly before the broker's receipt for `CMD_RUN`).
+    started: bool,
     live: Option<CommandStatus>,
     waiters: Vec<oneshot::Sender<CommandRecord>>,
     status_waiters: Vec<oneshot::Sender<Option<CommandStatus>>>,
@@ -104,6 +106,7 @@ impl CommandActor {
             spec: record.spec.clone(),
             recovering: false,
             finished: false,
+            started: false,
             live: None,
             waiters: Vec::new(),
             status_waiters: Vec::new(),
@@ -226,6 +229,9 @@ impl Actor for CommandActor {
         let recovering = self.recovering;
         ctx.spawn(self.broker.send(publish).into_actor(self).map(
             move |sent, act, ctx| match sent {
+                // The guest may have answered before the broker's receipt came:
+                // `sent` never replaces `running` or a final state.
+                Ok(Ok(())) if act.started || act.finished => {}
                 Ok(Ok(())) if !recovering => act.set_state(CommandState::Sent, None),
                 Ok(Ok(())) => log::info!("command {} asked for again after a restart", act.cmd_id),
                 Ok(Err(e)) => act.end_without_result(CommandState::Failed, &e.to_string(), ctx),
@@ -268,6 +274,7 @@ impl Handler<FromGuest> for CommandActor {
     fn handle(&mut self, msg: FromGuest, ctx: &mut Context<Self>) {
         match msg.word {
             Word::CmdStarted { pid, .. } => {
+                self.started = true;
                 if !self.finished {
                     let stored = self
                         .store
