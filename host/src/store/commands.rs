@@ -290,9 +290,10 @@ impl Store {
     }
 
     /// Moves a command to `state` at time `at`, with `error` saying why (`None`
-    /// clears it). Entering `sent` or `running` the first time stamps `sent_at` or
-    /// `started_at`; a final state stamps `finished_at`, any other clears it. Does
-    /// nothing and answers false once the command has a result.
+    /// clears it). Entering `sent` the first time stamps `sent_at`, entering `running`
+    /// stamps `started_at` (and `sent_at` if no receipt came first); a final state
+    /// stamps `finished_at`, any other clears it. Does nothing and answers false once
+    /// the command has a result.
     pub fn set_command_state(
         &self,
         cmd_id: &str,
@@ -305,7 +306,7 @@ impl Store {
                 .prepare_cached(&format!(
                     "UPDATE commands SET
                          state = :state,
-                         sent_at = CASE WHEN :state = 'sent'
+                         sent_at = CASE WHEN :state IN ('sent', 'running')
                              THEN coalesce(sent_at, :at) ELSE sent_at END,
                          started_at = CASE WHEN :state = 'running'
                              THEN coalesce(started_at, :at) ELSE started_at END,
