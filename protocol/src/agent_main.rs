@@ -34,6 +34,33 @@ pub fn parse_agent_args(args: impl IntoIterator<Item = String>) -> Result<AgentA
     Ok(AgentArgs::Run { config_file })
 }
 
+/// The command line of the agent `name`, for `main`: `Ok(config file)` to run;
+/// otherwise it has printed the help (`usage` then `settings`), the version line
+/// (`version`) or, for bad arguments, the reason and the usage, and answers the
+/// process's exit code (0, or 2 for bad arguments).
+pub fn config_file_or_exit(
+    name: &str,
+    usage: &str,
+    settings: &str,
+    version: &str,
+) -> Result<Option<PathBuf>, std::process::ExitCode> {
+    match parse_agent_args(std::env::args().skip(1)) {
+        Ok(AgentArgs::Run { config_file }) => Ok(config_file),
+        Ok(AgentArgs::Help) => {
+            print!("{usage}\n{settings}");
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Ok(AgentArgs::Version) => {
+            println!("{version}");
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Err(message) => {
+            eprintln!("{name}: {message}\n\n{usage}");
+            Err(std::process::ExitCode::from(2))
+        }
+    }
+}
+
 /// An error and its sources, as one line: `outer: cause: root cause`.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

@@ -741,14 +741,7 @@ fn join_notes(first: Option<String>, second: Option<String>) -> Option<String> {
 /// An error and its sources as one line, without the `(os error N)` suffix that
 /// `io::Error` adds, e.g. `cannot run "x": No such file or directory`.
 fn error_text(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    strip_os_error_suffixes(&text)
+    strip_os_error_suffixes(&vmc_protocol::agent_main::error_chain(err))
 }
 
 fn strip_os_error_suffixes(text: &str) -> String {

@@ -30,7 +30,6 @@ mod paths;
 mod put;
 
 use std::collections::HashMap;
-use std::error::Error as _;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -146,14 +145,7 @@ impl TransferError {
 
     /// The message `FILE_ERROR` carries: this error and its causes.
     fn report(&self) -> String {
-        let mut text = self.to_string();
-        let mut source = self.source();
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        text
+        vmc_protocol::agent_main::error_chain(self)
     }
 }
 

@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 use vmc_host::engine::Engine;
-use vmc_host::protocol::agent_main::{error_chain, parse_agent_args, shutdown_signal, AgentArgs};
+use vmc_host::protocol::agent_main::{config_file_or_exit, error_chain, shutdown_signal};
 use vmc_host::settings::{RawSettings, Settings, HELP};
 
 const USAGE: &str = "\
@@ -25,24 +25,14 @@ Logging: RUST_LOG=debug|info|warn|error (default info).
 ";
 
 fn main() -> ExitCode {
-    let config_file = match parse_agent_args(std::env::args().skip(1)) {
-        Ok(AgentArgs::Help) => {
-            print!("{USAGE}\n{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(AgentArgs::Version) => {
-            println!(
-                "vmc-host {} (protocol {})",
-                vmc_host::VERSION,
-                vmc_host::protocol::PROTOCOL_VERSION
-            );
-            return ExitCode::SUCCESS;
-        }
-        Ok(AgentArgs::Run { config_file }) => config_file,
-        Err(message) => {
-            eprintln!("vmc-host: {message}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let version = format!(
+        "vmc-host {} (protocol {})",
+        vmc_host::VERSION,
+        vmc_host::protocol::PROTOCOL_VERSION
+    );
+    let config_file = match config_file_or_exit("vmc-host", USAGE, HELP, &version) {
+        Ok(config_file) => config_file,
+        Err(code) => return code,
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let settings = match RawSettings::load(config_file.as_deref()).and_then(RawSettings::validate) {
