@@ -123,13 +123,7 @@ impl RawSettings {
         }
         // Only this agent's own keys are taken from the environment: other VMC_*
         // variables belong to the host agent or the deployment scripts.
-        let ours: std::collections::HashMap<String, String> = std::env::vars()
-            .filter_map(|(name, value)| {
-                let key = name.strip_prefix("VMC_")?.to_ascii_lowercase();
-                KEYS.contains(&key.as_str())
-                    .then(|| (format!("VMC_{}", key.to_ascii_uppercase()), value))
-            })
-            .collect();
+        let ours = vmc_protocol::agent_main::own_vmc_variables(std::env::vars(), &KEYS);
         let env = config::Environment::with_prefix("VMC")
             .prefix_separator("_")
             .source(Some(ours))

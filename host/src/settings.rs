@@ -124,12 +124,9 @@ impl RawSettings {
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).required(true));
         }
-        let ours: std::collections::HashMap<String, String> = std::env::vars()
-            .filter_map(|(name, value)| {
-                let key = name.strip_prefix("VMC_")?.to_ascii_lowercase();
-                KEYS.contains(&key.as_str()).then_some((name, value))
-            })
-            .collect();
+        // Only this agent's own keys: other VMC_* variables belong to the guest
+        // agent or the deployment scripts.
+        let ours = vmc_protocol::agent_main::own_vmc_variables(std::env::vars(), &KEYS);
         let env = config::Environment::with_prefix("VMC")
             .prefix_separator("_")
             .source(Some(ours))

@@ -1,7 +1,9 @@
 //! What the two agent binaries (`vmc-host`, `vmc-guest`) share around their
-//! `main`: the command line (`--config FILE`, `--version`, `--help`), the one-line
-//! rendering of an error with its causes, and the shutdown signal.
+//! `main`: the command line (`--config FILE`, `--version`, `--help`), which `VMC_*`
+//! variables are an agent's own, the one-line rendering of an error with its
+//! causes, and the shutdown signal.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 /// What an agent's command line asks for.
@@ -61,6 +63,23 @@ pub fn config_file_or_exit(
     }
 }
 
+/// This agent's own settings among the `VMC_*` environment variables: those whose
+/// `<KEY>` (any case) is one of `keys` (lower-case), named `VMC_<KEY>` upper-case
+/// for the settings loader. Other `VMC_*` variables belong to the other agent or to
+/// the deployment scripts and are left alone.
+pub fn own_vmc_variables(
+    vars: impl IntoIterator<Item = (String, String)>,
+    keys: &[&str],
+) -> HashMap<String, String> {
+    vars.into_iter()
+        .filter_map(|(name, value)| {
+            let key = name.strip_prefix("VMC_")?.to_ascii_lowercase();
+            keys.contains(&key.as_str())
+                .then(|| (format!("VMC_{}", key.to_ascii_uppercase()), value))
+        })
+        .collect()
+}
+
 /// An error and its sources, as one line: `outer: cause: root cause`.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -118,6 +137,23 @@ mod tests {
             parse(&["--frobnicate"]),
             Err("unknown argument \"--frobnicate\"".into())
         );
+    }
+
+    #[test]
+    fn only_this_agents_own_variables_are_taken() {
+        let vars = [
+            ("VMC_BROKER", "stomp://127.0.0.1:61613"),
+            ("VMC_beacon_interval", "2"),
+            ("VMC_LISTEN", "127.0.0.1:1"),
+            ("PATH", "/bin"),
+            ("VMCX_BROKER", "x"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let ours = own_vmc_variables(vars, &["broker", "beacon_interval"]);
+        let mut names: Vec<_> = ours.keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, ["VMC_BEACON_INTERVAL", "VMC_BROKER"]);
+        assert_eq!(ours["VMC_BEACON_INTERVAL"], "2");
     }
 
     #[test]
