@@ -1,11 +1,13 @@
 //! The result spool: what the guest must not forget across its own restarts.
 //!
 //! A [`Spool`] is one directory holding one append-only *journal* (`journal`).
-//! Every change is one record appended to it and flushed (`fdatasync`) before the
-//! method returns: `started` when the agent accepts a `CMD_RUN`; `result` when the
-//! command ends, which replaces its started record and any earlier result; `acked`
-//! on the host's `CMD_ACK`, which forgets the result and remembers the id, so that a
-//! late redelivery of an acknowledged `CMD_RUN` is not run again (the last
+//! Every change is one record appended to it, and flushed (`fdatasync`) before the
+//! method returns except `acked`: `started` when the agent accepts a `CMD_RUN`;
+//! `result` when the command ends, which replaces its started record and any
+//! earlier result; `acked` on the host's `CMD_ACK`, which forgets the result and
+//! remembers the id (durable with the next flushed record: lost, the result is only
+//! sent again), so that a late redelivery of an acknowledged `CMD_RUN` is not run
+//! again (the last
 //! [`REMEMBERED_ACKS`] ids are remembered). [`Spool::open`] replays the journal into
 //! memory; only where each result's record lies is kept there, results are read
 //! back from the journal when asked for.
@@ -40,7 +42,7 @@
 //! id inside.
 //!
 //! A method that changes the spool appends one record (as big as the result, for
-//! a result) and flushes it once; now and then a compaction also rewrites the live
+//! a result) and flushes it at most once; now and then a compaction also rewrites the live
 //! state. Reading a result reads its record. Callers on an async runtime that
 //! cannot afford that should call them from `spawn_blocking` (a `Spool` is
 //! `Send + Sync`, its calls take turns on one lock; share it in an `Arc`). The
@@ -387,12 +389,13 @@ impl Spool {
             return Ok(false);
         }
         // One record forgets the result and remembers the id, so a crash cannot
-        // leave one done without the other.
-        state.write(
-            &self.dir,
-            &RecordOut::Acked { key: &key },
-            Change::Acked { key: key.clone() },
-        )?;
+        // leave one done without the other. It is not flushed on its own: lost in a
+        // power cut, the result is merely sent again, and the host ignores a result
+        // it already holds; the next started command's record flushes it anyway.
+        let (at, len) = state.append_with(&self.dir, &RecordOut::Acked { key: &key }, false)?;
+        state
+            .index
+            .apply(Change::Acked { key: key.clone() }, at, len);
         state.compact_if_due(&self.dir);
         Ok(true)
     }
@@ -460,6 +463,17 @@ impl SpoolState {
 
     /// Appends `record` durably; returns where it lies and its length.
     fn append(&mut self, dir: &Path, record: &RecordOut<'_>) -> Result<(u64, usize), SpoolError> {
+        self.append_with(dir, record, true)
+    }
+
+    /// Appends `record`, flushed to disk when `sync`; otherwise it becomes durable
+    /// with the next flushed record (`fdatasync` covers everything written before).
+    fn append_with(
+        &mut self,
+        dir: &Path,
+        record: &RecordOut<'_>,
+        sync: bool,
+    ) -> Result<(u64, usize), SpoolError> {
         let line = encode_line(record).map_err(|source| SpoolError::Encode {
             cmd_id: record.cmd_id().to_owned(),
             source,
@@ -469,7 +483,10 @@ impl SpoolState {
         }
         let at = self.journal.len;
         let file = &self.journal.file;
-        if let Err(source) = file.write_all_at(&line, at).and_then(|()| file.sync_data()) {
+        let written =
+            file.write_all_at(&line, at)
+                .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
+        if let Err(source) = written {
             // What reached the disk is unknown: cut it off so that nothing is ever
             // appended to a partial record, and rewrite the journal before the next.
             let _ = file.set_len(at);
