@@ -9,7 +9,9 @@
 //! guests beaconing at a real `vmc-host` and times its detection of lost ones on
 //! its event stream ([`event_stream`]); [`transfer_runs`] copies files both ways
 //! through each broker next to the broker's raw ceiling ([`raw_stomp`]) and `scp`,
-//! and repeats the round trip on ActiveMQ; [`ssh_peer`] is the `ssh`/`scp` peer.
+//! and repeats the round trip on ActiveMQ; [`ssh_peer`] is the `ssh`/`scp` peer;
+//! [`vm_runs`] times the round trip to a guest in a QEMU VM next to
+//! qemu-guest-agent in the same VM.
 //! [`report`] turns rows into the table printed and written to `BENCHMARKS.md`.
 //! It deliberately does not assert any limit: benchmarks print figures.
 
@@ -25,6 +27,7 @@ pub mod simulator;
 pub mod ssh_peer;
 pub mod stats;
 pub mod transfer_runs;
+pub mod vm_runs;
 
 use std::time::Duration;
 

@@ -17,7 +17,8 @@ const USAGE: &str = "usage: vmc-bench [--short] [--only GROUPS] [--output PATH]\
   --short   a quick run (small N, few repetitions) that checks every scenario works\n\
   --only    a comma-separated subset of the groups: engine (ssh peer, round trip,\n\
             fan-out), host (XML-RPC round trip, API, memory), presence, transfer\n\
-            (file transfer on both brokers, ActiveMQ round trip); written to\n\
+            (file transfer on both brokers, ActiveMQ round trip), vm (round trip in\n\
+            a QEMU VM next to qemu-guest-agent); written to\n\
             target/BENCHMARKS.partial.md unless --output says otherwise\n\
   --output  where to write the Markdown report (default: BENCHMARKS.md for the full\n\
             mode, target/BENCHMARKS.short.md for the short one)\n\
@@ -103,7 +104,7 @@ fn ssh_rows(mode: &Mode) -> Vec<Row> {
 }
 
 fn main() -> ExitCode {
-    const GROUPS: [&str; 4] = ["engine", "host", "presence", "transfer"];
+    const GROUPS: [&str; 5] = ["engine", "host", "presence", "transfer", "vm"];
     let (mut mode, mut output, mut only) = (Mode::full(), None, None::<Vec<String>>);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -221,6 +222,12 @@ fn main() -> ExitCode {
         });
     }
     rows.extend(ssh);
+    if wanted("vm") {
+        eprintln!("vmc-bench: round trip in a QEMU VM, qemu-guest-agent peer ...");
+        let (vm_rows, more) = vmc_bench::vm_runs::run(&mode, broker_port, &host_bin, &root);
+        rows.extend(vm_rows);
+        failures.extend(more);
+    }
     rows.sort_by_key(|r| r.scenario);
 
     let command = match mode.name {

@@ -18,6 +18,11 @@
 #   OUTDIR/BUILD-ID       the inputs: this script, lib.sh and the guest's files
 #                         (init, inittab, agent, stop, settings.awk), the package versions,
 #                         the vmc-guest binary; when they match nothing is rebuilt
+# With VMC_IMAGE_WITH_QGA=1 the initramfs also holds Debian's qemu-guest-agent
+# (/usr/sbin/qemu-ga, dynamically linked: the shared libraries it needs, found by
+# their ELF NEEDED entries in its unpacked dependencies, and the loader), which /init
+# starts on the virtio-serial port org.qemu.guest_agent.0 when the VM has one; its
+# package versions are then part of BUILD-ID. Without it nothing of it is fetched.
 # The disk is kept across rebuilds while its own recipe (DISK-ID) is unchanged:
 # existing VMs' overlays name it as their backing file.
 #
@@ -27,6 +32,7 @@
 #                         (default: ${CARGO_TARGET_DIR:-<repo>/target}/guest-static)
 #   VMC_IMAGE_KERNEL_FLAVOUR  Debian kernel flavour (default cloud-amd64)
 #   VMC_IMAGE_DISK_MIB    size of the data disk (default 256)
+#   VMC_IMAGE_WITH_QGA    1: add qemu-guest-agent (default: without it)
 set -euo pipefail
 
 LIB_TAG=guest-image
@@ -43,6 +49,8 @@ if ! [[ $DISK_MIB =~ ^[0-9]+$ ]] || [ "$DISK_MIB" -lt 16 ]; then
     die "VMC_IMAGE_DISK_MIB must be a number of MiB, at least 16"
 fi
 start=$(date +%s%3N)
+WITH_QGA=${VMC_IMAGE_WITH_QGA:-0}
+case $WITH_QGA in 0 | 1) ;; *) die "VMC_IMAGE_WITH_QGA must be 0 or 1" ;; esac
 elapsed() { echo "$((($(date +%s%3N) - start) / 1000)).$(((($(date +%s%3N) - start) % 1000) / 100)) s"; }
 
 mkdir -p "$OUT"
@@ -80,10 +88,25 @@ guest_sha=$(sha256sum "$GUEST_BIN" | cut -d' ' -f1)
 guest_version=$("$GUEST_BIN" --version)
 
 guest_packages "$FLAVOUR"
+
+# --- qemu-guest-agent (VMC_IMAGE_WITH_QGA=1): the package and its dependencies,
+# recursively (Depends only), with their versions: one line of the build id.
+qga_line=
+if [ "$WITH_QGA" = 1 ]; then
+    QGA_PKGS=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
+        --no-breaks --no-replaces --no-enhances --no-pre-depends qemu-guest-agent 2>/dev/null |
+        grep -E '^[a-z0-9]' | LC_ALL=C sort -u | tr '\n' ' ')
+    case " $QGA_PKGS " in *" qemu-guest-agent "*) ;; *) die "apt knows no package qemu-guest-agent" ;; esac
+    # shellcheck disable=SC2086 # one word per package
+    QGA_PINNED=$(apt-cache show --no-all-versions $QGA_PKGS |
+        awk '/^Package:/ { p = $2 } /^Version:/ { print p "=" $2 }' | LC_ALL=C sort | tr '\n' ' ')
+    QGA_VER=$(sed -n 's/.*qemu-guest-agent=\([^ ]*\).*/\1/p' <<<"$QGA_PINNED")
+    qga_line="qemu-guest-agent ${QGA_PINNED% }"$'\n'
+fi
 script_hash=$(cat "$0" "$repo/deploy/qemu/lib.sh" "$here/init" "$here/inittab" "$here/agent" \
     "$here/stop" "$here/settings.awk" | sha256sum | cut -d' ' -f1)
-build_id=$(printf 'script %s\n%s %s\nbusybox-static %s\nvmc-guest %s\n' \
-    "$script_hash" "$KERNEL_PKG" "$KERNEL_VER" "$BUSYBOX_VER" "$guest_sha")
+build_id=$(printf 'script %s\n%s %s\nbusybox-static %s\nvmc-guest %s\n%s' \
+    "$script_hash" "$KERNEL_PKG" "$KERNEL_VER" "$BUSYBOX_VER" "$guest_sha" "$qga_line")
 disk_id=$(printf 'ext4 %s MiB, label vmc-data, no lazy init\n' "$DISK_MIB")
 if [ -f "$OUT/BUILD-ID" ] && [ "$(cat "$OUT/BUILD-ID")" = "$build_id" ] &&
     [ -f "$OUT/DISK-ID" ] && [ "$(cat "$OUT/DISK-ID")" = "$disk_id" ] &&
@@ -127,6 +150,44 @@ cp "$here/settings.awk" "$root/etc/vmc/settings.awk"
 printf '#!/bin/sh\n# The ACPI power button (busybox acpid): a clean shutdown through init.\nexec poweroff\n' \
     >"$root/etc/acpi/PWRF/00000080"
 chmod 755 "$root/init" "$root/etc/vmc/agent" "$root/etc/vmc/stop" "$root/etc/acpi/PWRF/00000080"
+
+# --- qemu-guest-agent: /usr/sbin/qemu-ga, then every shared library it needs,
+# transitively, by ELF NEEDED from the unpacked packages (no ldconfig cache in the
+# guest: all of them in /lib/x86_64-linux-gnu, the loader's default directory), and
+# the loader its PT_INTERP names.
+if [ "$WITH_QGA" = 1 ]; then
+    need_tool readelf binutils
+    mkdir -p "$WORK/qga-deb"
+    log "downloading qemu-guest-agent $QGA_VER and its libraries"
+    # shellcheck disable=SC2086 # one word per package
+    (cd "$WORK/qga-deb" && apt-get download -q -o APT::Sandbox::User=root $QGA_PINNED >/dev/null) ||
+        die "apt-get download of qemu-guest-agent failed"
+    for deb in "$WORK"/qga-deb/*.deb; do dpkg-deb -x "$deb" "$WORK/qga-pkg"; done
+    [ -x "$WORK/qga-pkg/usr/sbin/qemu-ga" ] || die "qemu-guest-agent has no /usr/sbin/qemu-ga"
+    mkdir -p "$root/usr/sbin" "$root/lib/x86_64-linux-gnu" "$root/lib64"
+    cp "$WORK/qga-pkg/usr/sbin/qemu-ga" "$root/usr/sbin/qemu-ga"
+    interp=$(readelf -l "$root/usr/sbin/qemu-ga" | sed -n 's/.*Requesting program interpreter: \(.*\)]$/\1/p')
+    [ "$interp" = /lib64/ld-linux-x86-64.so.2 ] || die "qemu-ga asks for the loader ${interp:-(none)}"
+    cp -L "$WORK/qga-pkg$interp" "$root$interp"
+    pending=("$root/usr/sbin/qemu-ga")
+    QGA_LIBS=()
+    while [ ${#pending[@]} -gt 0 ]; do
+        elf=${pending[0]}
+        pending=("${pending[@]:1}")
+        for soname in $(readelf -d "$elf" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'); do
+            [ -e "$root/lib/x86_64-linux-gnu/$soname" ] && continue
+            lib=
+            for dir in lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu; do
+                [ -e "$WORK/qga-pkg/$dir/$soname" ] && lib="$WORK/qga-pkg/$dir/$soname" && break
+            done
+            [ -n "$lib" ] || die "no package of qemu-guest-agent's dependencies has $soname"
+            cp -L "$lib" "$root/lib/x86_64-linux-gnu/$soname"
+            QGA_LIBS+=("$soname")
+            pending+=("$root/lib/x86_64-linux-gnu/$soname")
+        done
+    done
+fi
+
 # Uncompressed: QEMU hands it over in one fw_cfg DMA and the kernel only copies it,
 # where inflating a gzip of it costs about a second under TCG.
 guest_cpio "$root" "$WORK/initramfs" none
@@ -161,7 +222,8 @@ cat >"$WORK/manifest.json" <<JSON
     "vmc_guest": "$guest_version",
     "vmc_guest_sha256": "$guest_sha",
     "modules": "${MODULES_LOADED[*]}",
-    "disk": "$disk_id"
+    "disk": "$disk_id"${QGA_VER:+,
+    \"qemu_guest_agent\": \"qemu-guest-agent $QGA_VER, ${QGA_LIBS[*]}\"}
   }
 }
 JSON
@@ -170,6 +232,7 @@ JSON
 for f in kernel initramfs cmdline manifest.json; do mv "$WORK/$f" "$OUT/$f"; done
 printf '%s\n' "$build_id" >"$OUT/BUILD-ID"
 
+qga_built=${QGA_VER:+, qemu-guest-agent $QGA_VER with ${#QGA_LIBS[@]} libraries}
 log "built in $OUT in $(elapsed): kernel $(du -h "$OUT/kernel" | cut -f1) ($kernel_kind)," \
     "initramfs $(du -h "$OUT/initramfs" | cut -f1), disk $(du -h "$OUT/disk.qcow2" | cut -f1)" \
-    "of ${DISK_MIB} MiB, $guest_version, modules: ${MODULES_LOADED[*]}"
+    "of ${DISK_MIB} MiB, $guest_version, modules: ${MODULES_LOADED[*]}$qga_built"

@@ -125,6 +125,10 @@ fn lifecycle_operations_move_the_vm_through_the_right_states() {
         accel.map(String::as_str),
         Some(lab.qemu.accelerator().as_str())
     );
+    assert!(
+        vm.dir.join("qga.sock").exists(),
+        "QEMU listens for a guest agent's host end in the VM's directory"
+    );
     common::run_through_the_lifecycle(&lab.qemu, &vm);
 }
 

@@ -8,9 +8,11 @@
 //! runs `socat` to it), an address also handed to the guest as the fw_cfg string
 //! `opt/vmc/broker` (with, when set, the destination prefix and beacon interval the
 //! guest agent must use, `opt/vmc/prefix` and `opt/vmc/beacon_interval`); the serial
-//! console appended to `serial.log`. The caller's image is a disk image file, or a
-//! guest image directory ([`guest_image`], built by `deploy/guest-image/build.sh`):
-//! then the VM boots that image's kernel directly, from its own copies of the
+//! console appended to `serial.log`; a virtio-serial port `org.qemu.guest_agent.0`
+//! whose host end is the unix socket `qga.sock`, for a qemu-guest-agent in the
+//! guest (the guest image has one when built with it). The caller's image is a
+//! disk image file, or a guest image directory ([`guest_image`], built by
+//! `deploy/guest-image/build.sh`): then the VM boots that image's kernel directly, from its own copies of the
 //! kernel and initramfs, and its overlay is made over the image's disk. QEMU runs
 //! daemonized ([`process`]) with `-S -no-shutdown`: it survives a restart of the
 //! host agent, and a guest that powers itself off leaves QEMU in the `shutdown`
@@ -479,6 +481,17 @@ impl Qemu {
                 "virtio-net-pci,netdev=net0,mac={},romfile=",
                 vm.mac.to_ascii_lowercase()
             ),
+            // The port a qemu-guest-agent in the guest opens (an image built with
+            // it starts it there); nobody else uses it.
+            "-device".into(),
+            "virtio-serial-pci,id=vserial0".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                p(dir.guest_agent_socket())
+            ),
+            "-device".into(),
+            "virtserialport,bus=vserial0.0,chardev=qga0,name=org.qemu.guest_agent.0".into(),
         ]);
         if let Some(kernel) = &spec.kernel {
             args.extend(["-kernel".into(), p(kernel.clone())]);

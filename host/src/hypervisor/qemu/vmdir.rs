@@ -6,11 +6,12 @@
 //! overlay), `serial.log` (the guest's console, appended across boots, rotated by
 //! [`VmDir::rotate_serial_log`]), `kernel` and `initramfs` (the VM's own copies of
 //! a guest image's boot files, see `guest_image.rs`). The QEMU backend's own:
-//! `qmp.sock`, `qemu.pid` (written by QEMU), `qemu.log` (QEMU's stderr),
-//! `saved.state` (a saved VM), `snapshots.json` (snapshot descriptions, which qcow2
-//! cannot hold), and two records of ours: `running` (pid and start time of the QEMU
-//! we launched, written after launch and removed only once we have seen it stop)
-//! and `stopping` (written before we stop it). So: `running` whose process is gone
+//! `qmp.sock`, `qga.sock` (the host end of a guest agent's port), `qemu.pid`
+//! (written by QEMU), `qemu.log` (QEMU's stderr), `saved.state` (a saved VM),
+//! `snapshots.json` (snapshot descriptions, which qcow2 cannot hold), and two
+//! records of ours: `running` (pid and start time of the QEMU we launched, written
+//! after launch and removed only once we have seen it stop) and `stopping`
+//! (written before we stop it). So: `running` whose process is gone
 //! without `stopping` means QEMU died behind our back (Aborted).
 //! What it does not do: launch or talk to QEMU.
 
@@ -77,6 +78,12 @@ impl VmDir {
     }
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
+    }
+    /// The host's end of the guest's `org.qemu.guest_agent.0` virtio-serial port
+    /// (for a qemu-guest-agent in the guest; as long as `qmp.sock`, whose length
+    /// is checked at create).
+    pub fn guest_agent_socket(&self) -> PathBuf {
+        self.dir.join("qga.sock")
     }
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("qemu.pid")
