@@ -110,6 +110,9 @@ fn scenario(
     qga.exec_true()?;
     let (mut ours, mut peer) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
     for _ in 0..repetitions {
+        // A fresh connection each time: the server closes one left idle while the
+        // peer is measured (its keep-alive timeout is 5 s).
+        api = lab.api()?;
         let mut samples = Vec::with_capacity(calls);
         for _ in 0..calls {
             samples.push(vmc_call(&mut api)?);
