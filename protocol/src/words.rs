@@ -303,7 +303,6 @@ impl Word {
                 | Word::FileGet
                 | Word::FileReady
                 | Word::FileChunk
-                | Word::FileAck
                 | Word::FileEnd
                 | Word::FileDone
                 | Word::FileError
@@ -2124,7 +2123,7 @@ mod tests {
         let mut headers = common(HOST, BINARY, true, None);
         headers.extend(h(&[("transfer-id", "t-1"), ("offset", "0")]));
         check(Word::FileChunk, headers, Some(b"test"));
-        let mut headers = common(GUEST, BARE, true, None);
+        let mut headers = common(GUEST, BARE, false, None);
         headers.extend(h(&[("transfer-id", "t-1"), ("offset", "4")]));
         check(Word::FileAck, headers, None);
         let mut headers = common(HOST, BARE, true, None);

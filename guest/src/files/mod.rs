@@ -104,6 +104,8 @@ pub enum TransferError {
     },
     #[error("{} changed while being sent: it now has fewer than the {size} bytes announced", path.display())]
     Shrunk { path: PathBuf, size: u64 },
+    #[error("{} was written to while being sent; send it again once it is left alone", path.display())]
+    Changed { path: PathBuf },
     #[error("transfer of {path}: {reason}")]
     Protocol { path: String, reason: String },
     #[error("{}: cannot {action}", path.display())]
@@ -139,6 +141,7 @@ impl TransferError {
             TransferError::Io { source, .. } => io_code(source),
             TransferError::NotAFile { .. }
             | TransferError::Shrunk { .. }
+            | TransferError::Changed { .. }
             | TransferError::Worker { .. } => FileErrorCode::Io,
         }
     }
@@ -834,7 +837,7 @@ mod tests {
                 transfer_id: "t-2".into(),
                 offset: 0,
                 size: Some(0),
-                sha256: Some(sha256_hex(b"")),
+                sha256: None,
             }
         );
         assert_eq!(
@@ -1181,7 +1184,7 @@ mod tests {
                 transfer_id: "t-1".into(),
                 offset: 0,
                 size: Some(size),
-                sha256: Some(sha256_hex(&data)),
+                sha256: None,
             }
         );
         let mut received = Vec::new();
@@ -1241,7 +1244,7 @@ mod tests {
         replies: &mut ReplyReceiver,
         id: &str,
         offset: u64,
-    ) -> Vec<u8> {
+    ) -> (Vec<u8>, String) {
         let mut received = Vec::new();
         loop {
             match reply(replies).await {
@@ -1256,7 +1259,7 @@ mod tests {
                     };
                     transfers.handle(ack, None).await;
                 }
-                Message::FileEnd { .. } => return received,
+                Message::FileEnd { sha256, .. } => return (received, sha256),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -1286,12 +1289,17 @@ mod tests {
             } => {
                 assert_eq!(at, offset);
                 assert_eq!(size, Some(data.len() as u64));
-                assert_eq!(sha256, Some(sha256_hex(&data)));
+                assert_eq!(sha256, None, "the digest comes in FILE_END");
             }
             other => panic!("expected FILE_READY, got {other:?}"),
         }
-        let tail = receive_all(&mut transfers, &mut replies, "t-1", offset).await;
+        let (tail, sha256) = receive_all(&mut transfers, &mut replies, "t-1", offset).await;
         assert!(tail == data[offset as usize..], "the tail is identical");
+        assert_eq!(
+            sha256,
+            sha256_hex(&data),
+            "FILE_END has the whole file's digest"
+        );
 
         transfers
             .handle(get("t-2", &path, 10 * MIB as u64, 8), Some(HOST.into()))
@@ -1300,8 +1308,50 @@ mod tests {
             Message::FileReady { offset, .. } => assert_eq!(offset, 0, "beyond the end: from 0"),
             other => panic!("expected FILE_READY, got {other:?}"),
         }
-        let whole = receive_all(&mut transfers, &mut replies, "t-2", 0).await;
+        let (whole, sha256) = receive_all(&mut transfers, &mut replies, "t-2", 0).await;
         assert!(whole == data);
+        assert_eq!(sha256, sha256_hex(&data));
+    }
+
+    #[tokio::test]
+    async fn a_file_written_to_while_sent_ends_in_an_error_not_a_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut transfers, mut replies) = guest(dir.path());
+        let data = random_bytes(MIB, 13);
+        let path = dir.path().join("growing.log");
+        fs::write(&path, &data).unwrap();
+
+        transfers
+            .handle(get("t-1", &path, 0, 1), Some(HOST.into()))
+            .await;
+        assert!(matches!(
+            reply(&mut replies).await,
+            Message::FileReady { sha256: None, .. }
+        ));
+        let mut sent = 0;
+        while sent < data.len() as u64 {
+            match reply(&mut replies).await {
+                Message::FileChunk { offset, data, .. } => {
+                    sent = offset + data.len() as u64;
+                    if offset == 0 {
+                        // Someone rewrites the file while it is being sent.
+                        let mut file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+                        std::io::Write::write_all(&mut file, b"rewritten").unwrap();
+                        file.set_modified(SystemTime::now() + Duration::from_secs(5))
+                            .unwrap();
+                    }
+                    let ack = Message::FileAck {
+                        transfer_id: "t-1".into(),
+                        offset: sent,
+                    };
+                    transfers.handle(ack, None).await;
+                }
+                other => panic!("expected FILE_CHUNK, got {other:?}"),
+            }
+        }
+        let (code, message) = error(&mut replies, "t-1").await;
+        assert_eq!(code, FileErrorCode::Io);
+        assert!(message.contains("written to while being sent"), "{message}");
     }
 
     #[tokio::test]
