@@ -5,11 +5,14 @@
 //! keeping at most `window` unacknowledged, and after the last `FILE_ACK` send
 //! `FILE_END`; the guest checks the SHA-256, renames its temporary file into place
 //! and answers `FILE_DONE`. Download (`cpFileFromVM`): `FILE_GET` from the offset of
-//! our own partial file, `FILE_READY` tells size and SHA-256, chunks are written at
-//! their offsets into `<local>.vmc-part-<id>` (hashed as they arrive in order) and
-//! acknowledged, and on `FILE_END` the file is flushed, its SHA-256 checked (read
-//! again only if the transfer resumed), renamed into place and `FILE_DONE` is sent;
-//! that work runs on the blocking pool, never on the actors' thread. Every
+//! our own partial file, `FILE_READY` tells the size (and, from older guests, the
+//! SHA-256), chunks that continue the bytes received are handed in order to the
+//! transfer's disk worker on the blocking pool ([`DiskWorker`]), which writes them
+//! into `<local>.vmc-part-<id>`, hashes them as they come and reports each write
+//! back; every write reported is acknowledged. On `FILE_END` the worker flushes the
+//! file, checks its SHA-256 against the one `FILE_END` carries (reading the file
+//! again only if the transfer resumed mid-way), renames it into place, and the actor
+//! sends `FILE_DONE`. The actor's thread never writes, hashes or flushes. Every
 //! `stall` without progress (a chunk lost with a broker restart), the request is
 //! repeated with the same transfer id and the transfer resumes from where the
 //! receiving side stands. A failure removes our partial file and ends with the
@@ -22,11 +25,12 @@ use actix::prelude::*;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use vmc_protocol::words::{FileErrorCode, FileOffer, FileRequest, Message as Word};
 
 /// SHA-256 of a file, lowercase hex (blocking).
@@ -65,6 +69,17 @@ fn finish_download(
     size: u64,
     sha256: &str,
 ) -> Result<(u64, String), (FileErrorCode, String)> {
+    let file = match file {
+        Some(file) => Some(file),
+        // Nothing was written (an empty file): the partial file may not exist yet.
+        None if size == 0 => Some(open_part(part).map_err(|e| {
+            (
+                FileErrorCode::Io,
+                format!("cannot write {}: {e}", part.display()),
+            )
+        })?),
+        None => None,
+    };
     if let Some(f) = file {
         f.sync_all().map_err(|e| {
             (
@@ -100,6 +115,140 @@ fn finish_download(
     Ok((size, got_sha))
 }
 
+/// Opens (or creates) a download's partial file for writing, keeping its bytes.
+fn open_part(part: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(part)
+}
+
+/// Outcome of checking and placing a finished download.
+type Finished = Result<(u64, String), (FileErrorCode, String)>;
+
+/// Work for a download's disk worker, done in the order sent.
+#[derive(Debug)]
+enum DiskWork {
+    /// Write (and hash, if it continues the hashed bytes) a chunk at its offset.
+    Chunk { offset: u64, data: Bytes },
+    /// Cut the file to `len` bytes: the guest resumes from there. Writes reported
+    /// from now on carry `epoch`.
+    Truncate { len: u64, epoch: u64 },
+    /// Flush, check and move the file into place (see [`finish_download`]).
+    Finish {
+        size: u64,
+        sha256: String,
+        done: oneshot::Sender<Finished>,
+    },
+    /// Remove the partial file and stop.
+    Discard,
+}
+
+/// The disk worker reports a write (or its failure).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct Written {
+    /// The [`DiskWork::Truncate`] epoch the write belongs to; older ones are stale.
+    epoch: u64,
+    /// The bytes written contiguously from the start, or why writing failed.
+    upto: Result<u64, String>,
+}
+
+/// A download's disk worker: a task on the blocking pool that owns the partial
+/// file, so that writing, hashing and the final flush never run on the actors'
+/// thread. It stops when its actor drops the sender.
+#[derive(Debug)]
+struct DiskWorker {
+    work: mpsc::UnboundedSender<DiskWork>,
+}
+
+impl DiskWorker {
+    fn start(part: PathBuf, local: PathBuf, report: Recipient<Written>) -> DiskWorker {
+        let (work, mut queue) = mpsc::unbounded_channel();
+        tokio::task::spawn_blocking(move || {
+            let mut file: Option<File> = None;
+            // The digest of bytes `0..n` as written in order; `None` once a resume
+            // broke the sequence (then the file is read again at the end).
+            let mut hashed = Some((0u64, Sha256::new()));
+            let mut epoch = 0;
+            let mut failed = false;
+            while let Some(item) = queue.blocking_recv() {
+                match item {
+                    DiskWork::Chunk { .. } if failed => {}
+                    DiskWork::Chunk { offset, data } => {
+                        let written = match &file {
+                            Some(f) => f.write_all_at(&data, offset),
+                            None => open_part(&part).and_then(|f| {
+                                let written = f.write_all_at(&data, offset);
+                                file = Some(f);
+                                written
+                            }),
+                        };
+                        let end = offset + data.len() as u64;
+                        let upto = match written {
+                            Ok(()) => {
+                                hashed = match hashed.take() {
+                                    Some((n, mut hasher)) if n == offset => {
+                                        hasher.update(&data);
+                                        Some((end, hasher))
+                                    }
+                                    _ => None,
+                                };
+                                Ok(end)
+                            }
+                            Err(e) => {
+                                failed = true;
+                                Err(format!("cannot write {}: {e}", part.display()))
+                            }
+                        };
+                        report.do_send(Written { epoch, upto });
+                    }
+                    DiskWork::Truncate { len, epoch: next } => {
+                        epoch = next;
+                        failed = false;
+                        let cut = match &file {
+                            Some(f) => f.set_len(len),
+                            None => open_part(&part).and_then(|f| f.set_len(len)),
+                        };
+                        if let Err(e) = cut {
+                            log::debug!("cannot cut {} to {len} bytes: {e}", part.display());
+                        }
+                        hashed = match hashed.take() {
+                            Some((n, hasher)) if n <= len => Some((n, hasher)),
+                            _ if len == 0 => Some((0, Sha256::new())),
+                            _ => None,
+                        };
+                    }
+                    DiskWork::Finish { size, sha256, done } => {
+                        let finished = finish_download(
+                            file.take(),
+                            &part,
+                            &local,
+                            hashed.take(),
+                            size,
+                            &sha256,
+                        );
+                        let _ = done.send(finished);
+                        return;
+                    }
+                    DiskWork::Discard => {
+                        drop(file.take());
+                        let _ = std::fs::remove_file(&part);
+                        return;
+                    }
+                }
+            }
+        });
+        DiskWorker { work }
+    }
+
+    /// Queues work; false if the worker has stopped.
+    fn queue(&self, work: DiskWork) -> bool {
+        self.work.send(work).is_ok()
+    }
+}
+
 /// Which way the bytes go, with what each side needs.
 #[derive(Debug)]
 enum Direction {
@@ -111,12 +260,14 @@ enum Direction {
     },
     FromGuest {
         part: PathBuf,
-        file: Option<File>,
+        /// Started with the first chunk (or a resume, or `FILE_END`).
+        disk: Option<DiskWorker>,
+        /// Bytes handed to the disk worker in order (written, or about to be).
+        received: u64,
+        /// Bumped on every resume from an earlier offset; writes of older epochs
+        /// are not reported as progress.
+        epoch: u64,
         size: Option<u64>,
-        sha256: Option<String>,
-        /// The digest of bytes `0..n` as they were written in order; `None` once a
-        /// resume broke the sequence (then the file is read again at the end).
-        hashed: Option<(u64, Sha256)>,
         /// `FILE_END` arrived and the file is being checked: the rest is ignored.
         completing: bool,
     },
@@ -186,10 +337,10 @@ impl TransferActor {
                 part.push(format!(".vmc-part-{}", plan.id));
                 Direction::FromGuest {
                     part: part.into(),
-                    file: None,
+                    disk: None,
+                    received: 0,
+                    epoch: 0,
                     size: None,
-                    sha256: None,
-                    hashed: Some((0, Sha256::new())),
                     completing: false,
                 }
             }
@@ -237,9 +388,23 @@ impl TransferActor {
                     window: self.window,
                 },
             },
-            Direction::FromGuest { part, .. } => {
-                let held = std::fs::metadata(&*part).map(|m| m.len()).unwrap_or(0);
-                self.done = held;
+            Direction::FromGuest {
+                part,
+                disk,
+                received,
+                ..
+            } => {
+                // Before any chunk: what an earlier attempt left; after: what is
+                // written or queued to be (a write failure ends the transfer).
+                let held = match disk {
+                    Some(_) => *received,
+                    None => std::fs::metadata(&*part).map(|m| m.len()).unwrap_or(0),
+                };
+                *received = held;
+                self.done = self.done.min(held);
+                if disk.is_none() {
+                    self.done = held;
+                }
                 Word::FileGet {
                     transfer_id: self.id.clone(),
                     request: FileRequest {
@@ -342,11 +507,17 @@ impl TransferActor {
                 (state, None, None, Some(format!("{code}: {message}")))
             }
         };
-        if let Direction::FromGuest { part, file, .. } = &mut self.direction {
-            *file = None;
+        if let Direction::FromGuest { part, disk, .. } = &mut self.direction {
             if outcome.is_err() {
-                let _ = std::fs::remove_file(&*part);
+                // The worker removes the file after any write still queued.
+                let queued = disk
+                    .take()
+                    .is_some_and(|disk| disk.queue(DiskWork::Discard));
+                if !queued {
+                    let _ = std::fs::remove_file(&*part);
+                }
             }
+            *disk = None;
         }
         let _ = self.events.send(EngineEvent::Transfer {
             transfer_id: self.id.clone(),
@@ -373,53 +544,33 @@ impl TransferActor {
         ctx.run_later(Duration::from_secs(30), |_, ctx| ctx.stop());
     }
 
-    fn on_chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+    /// Hands a chunk that continues the received bytes to the disk worker; any
+    /// other (a duplicate or a gap) is answered with where we stand.
+    fn on_chunk(&mut self, offset: u64, data: Bytes, ctx: &mut Context<Self>) {
         let Direction::FromGuest {
             part,
-            file,
-            hashed,
+            disk,
+            received,
             completing: false,
             ..
         } = &mut self.direction
         else {
-            return Ok(());
+            return;
         };
-        if offset != self.done {
-            // A duplicate or a gap: tell the guest where we stand.
+        if offset != *received {
             self.send(Word::FileAck {
                 transfer_id: self.id.clone(),
                 offset: self.done,
             });
-            return Ok(());
+            return;
         }
-        if file.is_none() {
-            let opened = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(false)
-                .open(&*part)
-                .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
-            *file = Some(opened);
-        }
-        if let Some(f) = file.as_mut() {
-            f.seek(SeekFrom::Start(offset))
-                .and_then(|_| f.write_all(data))
-                .map_err(|e| format!("cannot write {}: {e}", part.display()))?;
-        }
-        let done = offset + data.len() as u64;
-        match hashed {
-            Some((n, hasher)) if *n == offset => {
-                hasher.update(data);
-                *n = done;
-            }
-            _ => *hashed = None,
-        }
-        self.progress(done);
-        self.send(Word::FileAck {
-            transfer_id: self.id.clone(),
-            offset: done,
+        let len = data.len() as u64;
+        let disk = disk.get_or_insert_with(|| {
+            DiskWorker::start(part.clone(), self.local.clone(), ctx.address().recipient())
         });
-        Ok(())
+        if disk.queue(DiskWork::Chunk { offset, data }) {
+            *received += len;
+        }
     }
 
     /// Verifies and moves a finished download into place on the blocking pool, then
@@ -427,8 +578,7 @@ impl TransferActor {
     fn complete_download(&mut self, size: u64, sha256: String, ctx: &mut Context<Self>) {
         let Direction::FromGuest {
             part,
-            file,
-            hashed,
+            disk,
             completing,
             ..
         } = &mut self.direction
@@ -440,18 +590,21 @@ impl TransferActor {
             return; // a repeated FILE_END while the first is being checked
         }
         *completing = true;
-        let (file, part, local, hashed) =
-            (file.take(), part.clone(), self.local.clone(), hashed.take());
-        let check = tokio::task::spawn_blocking(move || {
-            finish_download(file, &part, &local, hashed, size, &sha256)
+        let disk = disk.get_or_insert_with(|| {
+            DiskWorker::start(part.clone(), self.local.clone(), ctx.address().recipient())
         });
-        ctx.wait(check.into_actor(self).map(|checked, act, ctx| {
-            let outcome = checked.unwrap_or_else(|e| {
+        let (done, checked) = oneshot::channel();
+        disk.queue(DiskWork::Finish { size, sha256, done });
+        ctx.wait(checked.into_actor(self).map(|checked, act, ctx| {
+            let outcome = checked.unwrap_or_else(|_| {
                 Err((
                     FileErrorCode::Io,
-                    format!("checking the received file panicked: {e}"),
+                    "the received file's disk work stopped unexpectedly".to_owned(),
                 ))
             });
+            if let Direction::FromGuest { disk, .. } = &mut act.direction {
+                *disk = None; // it has stopped; nothing is left to remove
+            }
             act.answer_end(outcome, ctx);
         }));
     }
@@ -553,23 +706,31 @@ impl Handler<FromGuest> for TransferActor {
                     } => {}
                     Direction::FromGuest {
                         size: s,
-                        sha256: h,
                         part,
-                        file,
-                        hashed,
+                        disk,
+                        received,
+                        epoch,
                         ..
                     } => {
+                        // The digest, if this guest announces one, is checked
+                        // against the one FILE_END carries.
+                        let _ = sha256;
                         *s = size;
-                        *h = sha256;
-                        if offset < self.done {
-                            *file = None;
-                            let _ = std::fs::OpenOptions::new()
-                                .write(true)
-                                .open(&*part)
-                                .and_then(|f| f.set_len(offset));
-                            self.done = offset;
-                            // Bytes hashed past the cut are gone from the file.
-                            *hashed = (offset == 0).then(|| (0, Sha256::new()));
+                        if offset < *received {
+                            *epoch += 1;
+                            let disk = disk.get_or_insert_with(|| {
+                                DiskWorker::start(
+                                    part.clone(),
+                                    self.local.clone(),
+                                    ctx.address().recipient(),
+                                )
+                            });
+                            disk.queue(DiskWork::Truncate {
+                                len: offset,
+                                epoch: *epoch,
+                            });
+                            *received = offset;
+                            self.done = self.done.min(offset);
                         }
                     }
                 }
@@ -584,15 +745,7 @@ impl Handler<FromGuest> for TransferActor {
                     self.end(Err((FileErrorCode::Io, message)), ctx);
                 }
             }
-            Word::FileChunk { offset, data, .. } if !upload => {
-                if let Err(message) = self.on_chunk(offset, &data) {
-                    self.send(Word::FileAbort {
-                        transfer_id: self.id.clone(),
-                        reason: Some(message.clone()),
-                    });
-                    self.end(Err((FileErrorCode::Io, message)), ctx);
-                }
-            }
+            Word::FileChunk { offset, data, .. } if !upload => self.on_chunk(offset, data, ctx),
             Word::FileEnd { size, sha256, .. } if !upload => {
                 self.complete_download(size, sha256, ctx);
             }
@@ -609,6 +762,38 @@ impl Handler<FromGuest> for TransferActor {
                 ctx,
             ),
             other => log::debug!("transfer {}: unexpected {}", self.id, other.word()),
+        }
+    }
+}
+
+impl Handler<Written> for TransferActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Written, ctx: &mut Context<Self>) {
+        let current = match &self.direction {
+            Direction::FromGuest {
+                epoch, completing, ..
+            } => *epoch == msg.epoch && !*completing,
+            Direction::ToGuest { .. } => false,
+        };
+        if self.ended.is_some() || !current {
+            return;
+        }
+        match msg.upto {
+            Ok(upto) => {
+                self.progress(upto);
+                self.send(Word::FileAck {
+                    transfer_id: self.id.clone(),
+                    offset: upto,
+                });
+            }
+            Err(message) => {
+                self.send(Word::FileAbort {
+                    transfer_id: self.id.clone(),
+                    reason: Some(message.clone()),
+                });
+                self.end(Err((FileErrorCode::Io, message)), ctx);
+            }
         }
     }
 }
