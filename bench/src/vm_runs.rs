@@ -16,14 +16,23 @@
 //! that answer is read. One call of each is made first and not counted (the first
 //! exec pages in the binaries).
 //!
+//! Scenario 4 in the same VM: the same incompressible bytes (from this process's
+//! memory) into the guest's data disk with `PUT /api/v1/vms/{vm}/files` (the host
+//! stages the body, then copies it to the guest through the broker; the answer
+//! comes once the guest checked size and SHA-256 and renamed its synced file), and
+//! with qemu-guest-agent's `guest-file-open`/`guest-file-write` (base64 pieces of
+//! [`QGA_CHUNK`])/`guest-file-close`. Each landed file is checked with
+//! `sha256sum` in the guest, untimed, and removed.
+//!
 //! Everything it started ends with it: the VM's QEMU (a daemon) by its pid file,
 //! then the host. What it does not do: install QEMU (a machine without
-//! `qemu-system-x86_64` gets rows that say so), or measure file transfers.
+//! `qemu-system-x86_64` gets rows that say so).
 
 use crate::engine_runs::ROUND_TRIP;
 use crate::http_client::HttpConnection;
 use crate::report::Row;
 use crate::stats::{ms, percentile};
+use crate::transfer_runs::TRANSFER;
 use crate::{BenchError, Mode};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
@@ -32,6 +41,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use vmc_host::engine::transfer::sha256_file;
 
 /// How often `guest-exec-status` is asked while the command runs.
 pub const QGA_POLL: Duration = Duration::from_millis(1);
@@ -41,6 +51,14 @@ const VM: &str = "rt-vm";
 const BOOT_PATIENCE: Duration = Duration::from_secs(240);
 const SUBJECT_VMC: &str = "vmc-host JSON API → guest in a QEMU VM";
 const SUBJECT_QGA: &str = "qemu-guest-agent in the same VM (peer)";
+const SUBJECT_UPLOAD: &str = "vmc upload → guest in a QEMU VM";
+const SUBJECT_QGA_WRITE: &str = "qemu-guest-agent guest-file-write (peer)";
+/// The bytes of each `guest-file-write` (before base64; the agent takes up to
+/// about 48 MiB per call).
+pub const QGA_CHUNK: usize = 4 << 20;
+/// Where both file transfers land: the guest's data disk (ext4 on virtio-blk),
+/// one of its allowed roots.
+const GUEST_DIR: &str = "/data";
 
 /// Calls per repetition and repetitions: a VM is slow, so fewer than the
 /// process guest's round trips.
@@ -56,9 +74,12 @@ fn sizes(mode: &Mode) -> (usize, usize) {
 /// failures.
 pub fn run(mode: &Mode, broker_port: u16, host_bin: &Path, root: &Path) -> (Vec<Row>, Vec<String>) {
     let not_measured = |why: &str| {
+        let transfer = [SUBJECT_UPLOAD, SUBJECT_QGA_WRITE]
+            .map(|s| Row::new(TRANSFER, s, "throughput", "MB/s", &[]).note(why));
         [SUBJECT_VMC, SUBJECT_QGA]
             .iter()
             .flat_map(|s| ["p50", "p99"].map(|f| Row::new(ROUND_TRIP, *s, f, "ms", &[]).note(why)))
+            .chain(transfer)
             .collect::<Vec<_>>()
     };
     let have_qemu = Command::new("qemu-system-x86_64")
@@ -72,9 +93,13 @@ pub fn run(mode: &Mode, broker_port: u16, host_bin: &Path, root: &Path) -> (Vec<
             Vec::new(),
         );
     }
-    match scenario(mode, broker_port, host_bin, root) {
-        Ok(rows) => (rows, Vec::new()),
-        Err(e) => (Vec::new(), vec![format!("{ROUND_TRIP} (QEMU VM): {e}")]),
+    let mut failures = Vec::new();
+    match scenario(mode, broker_port, host_bin, root, &mut failures) {
+        Ok(rows) => (rows, failures),
+        Err(e) => {
+            failures.push(format!("{ROUND_TRIP} (QEMU VM): {e}"));
+            (Vec::new(), failures)
+        }
     }
 }
 
@@ -83,6 +108,7 @@ fn scenario(
     broker_port: u16,
     host_bin: &Path,
     root: &Path,
+    failures: &mut Vec<String>,
 ) -> Result<Vec<Row>, BenchError> {
     let image = build_image(root)?;
     let lab = VmHost::start(host_bin, broker_port)?;
@@ -140,7 +166,7 @@ fn scenario(
         "POST /api/v1/vms/{{vm}}/commands {{\"cmd\": \"true\"}} + GET .../result?wait=30, one \
          keep-alive connection, RabbitMQ; {vm_note}"
     );
-    Ok(vec![
+    let mut rows = vec![
         Row::new(ROUND_TRIP, SUBJECT_VMC, "p50", "ms", &ours.0)
             .note(vmc_note.clone())
             .against(&qga_p50),
@@ -149,7 +175,145 @@ fn scenario(
             .against(&qga_p99),
         qga_p50,
         qga_p99,
-    ])
+    ];
+    let vm_note = format!("{accel}, 1 vCPU, 256 MiB");
+    match file_transfer(mode, &lab, &mut qga, &vm_note) {
+        Ok(mut more) => rows.append(&mut more),
+        Err(e) => failures.push(format!("{TRANSFER} (QEMU VM): {e}")),
+    }
+    Ok(rows)
+}
+
+/// Bytes per transfer and repetitions.
+fn transfer_sizes(mode: &Mode) -> (usize, usize) {
+    if mode.name == "short" {
+        (8 << 20, 1)
+    } else {
+        (64 << 20, 3)
+    }
+}
+
+/// The same bytes into the VM's data disk both ways, each checked there with
+/// `sha256sum` afterwards (not timed) and removed: `PUT /api/v1/vms/{vm}/files`
+/// (the host stages the body, copies it through the broker, the guest writes a
+/// temporary file, checks size and SHA-256, syncs and renames; the answer comes
+/// after that), then `guest-file-open`/`guest-file-write`/`guest-file-close`.
+fn file_transfer(
+    mode: &Mode,
+    lab: &VmHost,
+    qga: &mut GuestAgent,
+    vm_note: &str,
+) -> Result<Vec<Row>, BenchError> {
+    let (bytes, repetitions) = transfer_sizes(mode);
+    let data = noise(bytes);
+    let source = lab.dir.path().join("upload.bin");
+    std::fs::write(&source, &data).map_err(BenchError::io("writing the file to upload"))?;
+    let (_, sha256) = sha256_file(&source).map_err(BenchError::io("hashing the file to upload"))?;
+    let (ours_at, theirs_at) = (
+        format!("{GUEST_DIR}/vmc-upload.bin"),
+        format!("{GUEST_DIR}/qga-write.bin"),
+    );
+    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    for _ in 0..repetitions {
+        let mut api = lab.api()?;
+        let start = Instant::now();
+        let (status, answer) = api.0.request(
+            "PUT",
+            &format!("/api/v1/vms/{VM}/files?path={ours_at}"),
+            Some(("application/octet-stream", &data)),
+        )?;
+        let took = start.elapsed();
+        if status != 200 {
+            return Err(BenchError::Api(format!(
+                "the upload answered {status}: {}",
+                String::from_utf8_lossy(&answer)
+            )));
+        }
+        ours.push(mb_per_s(bytes, took));
+        check_in_guest(lab, &ours_at, &sha256)?;
+
+        let took = qga.write_file(&theirs_at, &data)?;
+        peer.push(mb_per_s(bytes, took));
+        check_in_guest(lab, &theirs_at, &sha256)?;
+    }
+    let size = format!("{} MiB", bytes >> 20);
+    let qga_row = Row::new(TRANSFER, SUBJECT_QGA_WRITE, "throughput", "MB/s", &peer).note(format!(
+        "{size} from this process's memory to {theirs_at} (ext4 on virtio-blk): \
+             guest-file-open \"w\", guest-file-write of {} KiB pieces (base64), \
+             guest-file-close, over qga.sock; no digest, no sync; {vm_note}; {repetitions} \
+             repetition(s), each checked with sha256sum in the guest afterwards",
+        QGA_CHUNK >> 10
+    ));
+    let vmc_row = Row::new(TRANSFER, SUBJECT_UPLOAD, "throughput", "MB/s", &ours)
+        .note(format!(
+            "{size} from this process's memory in one PUT /api/v1/vms/{{vm}}/files?path=\
+             {ours_at} until its answer, RabbitMQ: the host stages the body, the guest \
+             (through QEMU user networking to the broker) writes a temporary file, checks \
+             SHA-256, syncs and renames; {vm_note}; {repetitions} repetition(s), each checked \
+             with sha256sum in the guest afterwards"
+        ))
+        .against(&qga_row);
+    Ok(vec![vmc_row, qga_row])
+}
+
+fn mb_per_s(bytes: usize, took: Duration) -> f64 {
+    bytes as f64 / 1e6 / took.as_secs_f64()
+}
+
+/// `bytes` of xorshift output: incompressible, and cheap to make.
+fn noise(bytes: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut data = Vec::with_capacity(bytes + 8);
+    while data.len() < bytes {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(&state.to_le_bytes());
+    }
+    data.truncate(bytes);
+    data
+}
+
+/// `sha256sum path` in the guest (through vmc) must print `sha256`; then the file
+/// is removed.
+fn check_in_guest(lab: &VmHost, path: &str, sha256: &str) -> Result<(), BenchError> {
+    let mut api = lab.api()?;
+    let result = guest_command(&mut api, "sha256sum", &[path])?;
+    let printed = result["out"].as_str().unwrap_or_default();
+    guest_command(&mut api, "rm", &["-f", path])?;
+    if printed.split_whitespace().next() == Some(sha256) {
+        Ok(())
+    } else {
+        Err(BenchError::Api(format!(
+            "{path} in the guest is not what was sent: sha256sum printed {printed:?}, \
+             expected {sha256}"
+        )))
+    }
+}
+
+/// Runs `cmd args` in the VM through the JSON API; its result, when it exited 0.
+fn guest_command(api: &mut JsonApi, cmd: &str, args: &[&str]) -> Result<Value, BenchError> {
+    let (status, command) = api.json(
+        "POST",
+        &format!("/api/v1/vms/{VM}/commands"),
+        Some(json!({"cmd": cmd, "args": args})),
+    )?;
+    expect(status, 202, cmd, &command)?;
+    let id = command["cmdId"]
+        .as_str()
+        .ok_or_else(|| BenchError::Api(format!("{cmd} answered no cmdId: {command}")))?;
+    let (status, result) = api.json(
+        "GET",
+        &format!("/api/v1/commands/{id}/result?wait=50"),
+        None,
+    )?;
+    expect(status, 200, cmd, &result)?;
+    if result["exitCodeOrSignal"] != 0 {
+        return Err(BenchError::Api(format!(
+            "`{cmd}` in the VM ended: {result}"
+        )));
+    }
+    Ok(result)
 }
 
 /// The qga guest image, built or found cached (the build's log goes to this
@@ -466,6 +630,37 @@ impl GuestAgent {
                 "qemu-guest-agent answered {answer} to {request}"
             ))),
         }
+    }
+
+    /// Writes `data` to `path` in the guest: `guest-file-open` (mode `w`),
+    /// `guest-file-write` of [`QGA_CHUNK`] bytes at a time (base64), and
+    /// `guest-file-close`; timed from the open until the close is answered.
+    fn write_file(&mut self, path: &str, data: &[u8]) -> Result<Duration, BenchError> {
+        use base64::Engine as _;
+        let start = Instant::now();
+        let handle = self.execute(
+            json!({"execute": "guest-file-open", "arguments": {"path": path, "mode": "w"}}),
+        )?;
+        let handle = handle
+            .as_i64()
+            .ok_or_else(|| BenchError::Api(format!("guest-file-open answered {handle}")))?;
+        for piece in data.chunks(QGA_CHUNK) {
+            let written = self.execute(json!({
+                "execute": "guest-file-write",
+                "arguments": {
+                    "handle": handle,
+                    "buf-b64": base64::engine::general_purpose::STANDARD.encode(piece),
+                },
+            }))?;
+            if written["count"].as_u64() != Some(piece.len() as u64) {
+                return Err(BenchError::Api(format!(
+                    "guest-file-write of {} bytes answered {written}",
+                    piece.len()
+                )));
+            }
+        }
+        self.execute(json!({"execute": "guest-file-close", "arguments": {"handle": handle}}))?;
+        Ok(start.elapsed())
     }
 
     /// `guest-exec /bin/true`, then `guest-exec-status` until it exited.
