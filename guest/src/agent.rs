@@ -21,8 +21,10 @@ use crate::outbox::{self, Reply};
 use crate::settings::Settings;
 use crate::spool::{Spool, SpoolError};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
+use vmc_protocol::agent_main::error_chain;
 use vmc_protocol::stomp::{Message as StompMessage, SessionEvent, StompClient, Subscription};
 use vmc_protocol::words::{self, CommandOutcome, CommandPhase, CommandResult, Envelope, Message};
 
@@ -62,7 +64,7 @@ enum LoopEvent {
 
 /// Runs the agent until `shutdown` completes (SIGTERM/SIGINT in the binary).
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    let spool = Spool::open(&settings.state_dir.join("spool"))?;
+    let spool = Arc::new(Spool::open(&settings.state_dir.join("spool"))?);
     let output_dir = settings.state_dir.join("output");
     std::fs::create_dir_all(&output_dir).map_err(|source| AgentError::StateDir {
         path: output_dir.display().to_string(),
@@ -108,10 +110,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         settings.session.addresses[0]
     );
 
+    let spool_flushes = start_spool_flusher(Arc::clone(&spool));
     let mut agent = Agent {
         settings,
         client,
         spool,
+        spool_flushes,
         executor,
         transfers,
         own_queue,
@@ -176,11 +180,32 @@ fn lost_result(cmd_id: &str) -> CommandResult {
 struct Agent {
     settings: Settings,
     client: StompClient,
-    spool: Spool,
+    spool: Arc<Spool>,
+    /// Asks the spool's flusher for one more flush (see [`start_spool_flusher`]).
+    spool_flushes: Arc<Notify>,
     executor: Executor,
     transfers: Transfers,
     own_queue: String,
     beacons: u64,
+}
+
+/// A task that flushes the spool on the blocking pool whenever notified; requests
+/// that come during a flush are served by one more flush after it.
+fn start_spool_flusher(spool: Arc<Spool>) -> Arc<Notify> {
+    let requests = Arc::new(Notify::new());
+    let wakeups = Arc::clone(&requests);
+    tokio::spawn(async move {
+        loop {
+            wakeups.notified().await;
+            let spool = Arc::clone(&spool);
+            match tokio::task::spawn_blocking(move || spool.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::error!("{}", error_chain(&e)),
+                Err(e) => log::error!("the spool's flush panicked: {e}"),
+            }
+        }
+    });
+    requests
 }
 
 impl Agent {
@@ -335,9 +360,13 @@ impl Agent {
     }
 
     async fn on_finished(&mut self, reply_to: String, result: CommandResult) {
-        if let Err(e) = self.spool.store_result(&reply_to, &result) {
+        // The result goes out at once and reaches the disk meanwhile: a power cut
+        // before the flush leaves the command's flushed started record, so the
+        // result is then reported lost, never silently dropped.
+        match self.spool.store_result_unflushed(&reply_to, &result) {
+            Ok(()) => self.spool_flushes.notify_one(),
             // Still send it: losing durability is better than losing the result.
-            log::error!("cannot spool the result of {}: {e}", result.cmd_id);
+            Err(e) => log::error!("cannot spool the result of {}: {e}", result.cmd_id),
         }
         self.send(&reply_to, &Message::CmdResult(result)).await;
     }
@@ -422,6 +451,9 @@ impl Agent {
         }
         while let Ok((reply_to, result)) = results.try_recv() {
             self.on_finished(reply_to, result).await;
+        }
+        if let Err(e) = self.spool.flush() {
+            log::error!("{}", error_chain(&e));
         }
         let bye = Message::Bye {
             reason: Some("agent shutting down".to_owned()),

@@ -2,9 +2,10 @@
 //!
 //! A [`Spool`] is one directory holding one append-only *journal* (`journal`).
 //! Every change is one record appended to it, and flushed (`fdatasync`) before the
-//! method returns except `acked`: `started` when the agent accepts a `CMD_RUN`;
-//! `result` when the command ends, which replaces its started record and any
-//! earlier result; `acked` on the host's `CMD_ACK`, which forgets the result and
+//! method returns except `acked` and a result stored by
+//! [`Spool::store_result_unflushed`] (flushed by [`Spool::flush`] while the result
+//! travels): `started` when the agent accepts a `CMD_RUN`; `result` when the command
+//! ends, which replaces its started record and any earlier result; `acked` on the host's `CMD_ACK`, which forgets the result and
 //! remembers the id (durable with the next flushed record: lost, the result is only
 //! sent again), so that a late redelivery of an acknowledged `CMD_RUN` is not run
 //! again (the last
@@ -377,6 +378,50 @@ impl Spool {
             Change::Result { key, seq },
         )?;
         state.compact_if_due(&self.dir);
+        Ok(())
+    }
+
+    /// As [`Spool::store_result`], but not flushed: the caller sends the result at
+    /// once and has it flushed meanwhile by [`Spool::flush`] (any later flushed
+    /// record also covers it). Lost in a power cut before that flush, the command's
+    /// started record (flushed) is still there, so the agent reports it `lost`
+    /// after the reboot unless the host already has the result.
+    pub fn store_result_unflushed(
+        &self,
+        reply_to: &str,
+        result: &CommandResult,
+    ) -> Result<(), SpoolError> {
+        let key = id_key(&result.cmd_id)?;
+        let mut state = self.lock();
+        let seq = state.index.next_seq;
+        let record = RecordOut::Result {
+            seq,
+            reply_to,
+            result,
+        };
+        let (at, len) = state.append_with(&self.dir, &record, false)?;
+        state.index.apply(Change::Result { key, seq }, at, len);
+        state.compact_if_due(&self.dir);
+        Ok(())
+    }
+
+    /// Flushes everything appended so far to disk. The lock is not held while the
+    /// disk works, so other changes go on meanwhile (each flush covers all that was
+    /// written before it started).
+    pub fn flush(&self) -> Result<(), SpoolError> {
+        let file = {
+            let state = self.lock();
+            state.journal.file.try_clone()
+        };
+        let journal = self.dir.join(JOURNAL);
+        let file = file.map_err(|source| io_error("open again", &journal, source))?;
+        if let Err(source) = file.sync_data() {
+            // What the failed flush leaves on disk is unknown: rewrite the journal
+            // (compaction writes and flushes the whole live state) before the next
+            // record.
+            self.lock().journal.needs_rewrite = true;
+            return Err(io_error("flush", &journal, source));
+        }
         Ok(())
     }
 
@@ -1106,6 +1151,7 @@ fn io_error(action: &'static str, path: &Path, source: io::Error) -> SpoolError 
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::sync::Arc;
     use vmc_protocol::words::{CommandOutcome, ResourceUsage};
 
     fn result(cmd_id: &str, out: &str) -> CommandResult {
@@ -1212,6 +1258,37 @@ mod tests {
             "still gone after a restart"
         );
         assert_eq!(spool.result("c-1").unwrap(), None);
+    }
+
+    #[test]
+    fn an_unflushed_result_is_kept_like_a_flushed_one_and_flushes_with_others_going_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        spool.mark_started("c-1", HOST).unwrap();
+        spool
+            .store_result_unflushed(HOST, &result("c-1", "fast\n"))
+            .unwrap();
+        // Appends go on while another thread flushes.
+        let flusher = {
+            let spool = Arc::clone(&spool);
+            std::thread::spawn(move || (0..50).try_for_each(|_| spool.flush()))
+        };
+        for i in 0..50 {
+            let id = format!("d-{i}");
+            spool.mark_started(&id, HOST).unwrap();
+            spool
+                .store_result_unflushed(HOST, &result(&id, "x"))
+                .unwrap();
+        }
+        flusher.join().unwrap().unwrap();
+        spool.flush().unwrap();
+        drop(spool);
+
+        let spool = Spool::open(dir.path()).unwrap();
+        let pending = spool.pending().unwrap();
+        assert_eq!(pending.len(), 51);
+        assert_eq!(pending[0], (HOST.to_owned(), result("c-1", "fast\n")));
+        assert!(spool.interrupted().unwrap().is_empty());
     }
 
     #[test]

@@ -85,8 +85,8 @@ pub struct CommandStopped {
 }
 
 impl CommandActor {
-    /// An actor for the stored command `record`, which must already be flushed to
-    /// disk (it sends `CMD_RUN` at once).
+    /// An actor for the stored (committed) command `record`; it sends `CMD_RUN` at
+    /// once, while the caller waits for the record's flush before answering.
     pub fn new(
         record: &CommandRecord,
         store: Arc<Store>,

@@ -747,29 +747,39 @@ pub struct RunCommand {
 impl Handler<RunCommand> for Registry {
     type Result = ResponseActFuture<Self, Result<String, EngineError>>;
 
-    fn handle(&mut self, msg: RunCommand, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: RunCommand, ctx: &mut Context<Self>) -> Self::Result {
         let record = self.vm_addr(&msg.vm).and_then(|_| {
             let record = self.new_command(&msg.vm, msg.spec, None)?;
             self.store.insert_command(&record)?;
             Ok(record)
         });
-        let flusher = self.flusher.clone();
-        // On disk before anyone hears of it: the caller (its id) and the guest.
-        let flushed = async move {
-            let record = record?;
-            flusher.flush().await?;
-            Ok::<_, EngineError>(record)
+        let mut record = match record {
+            Ok(record) => record,
+            Err(e) => return Box::pin(actix::fut::ready(Err(e))),
         };
-        Box::pin(flushed.into_actor(self).map(|record, act, ctx| {
-            let mut record = record?;
-            act.launch_or_fail(&mut record, ctx);
-            match record.error {
-                Some(why) if record.state == CommandState::Failed => {
-                    Err(EngineError::Internal(why))
+        // Committed, so it survives a crash of this process. `CMD_RUN` goes out while
+        // the flusher makes the record survive a power cut too; the caller hears of
+        // the id only once it has.
+        self.launch_or_fail(&mut record, ctx);
+        let flushed = self.flusher.clone();
+        Box::pin(
+            async move {
+                let flushed = flushed.flush().await;
+                match record.error {
+                    Some(why) if record.state == CommandState::Failed => {
+                        Err(EngineError::Internal(why))
+                    }
+                    _ => flushed.map(|()| record.cmd_id.clone()).map_err(|e| {
+                        EngineError::Internal(format!(
+                            "command {} went to the guest but its record may not survive a \
+                             power cut: {e}",
+                            record.cmd_id
+                        ))
+                    }),
                 }
-                _ => Ok(record.cmd_id),
             }
-        }))
+            .into_actor(self),
+        )
     }
 }
 
@@ -784,7 +794,7 @@ pub struct RunMulticast {
 impl Handler<RunMulticast> for Registry {
     type Result = ResponseActFuture<Self, Result<FanoutView, EngineError>>;
 
-    fn handle(&mut self, msg: RunMulticast, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: RunMulticast, ctx: &mut Context<Self>) -> Self::Result {
         // Names that match, and names whose guest id matches.
         let mut targets: BTreeSet<&String> = self
             .vms
@@ -823,25 +833,27 @@ impl Handler<RunMulticast> for Registry {
                     })
             })
             .collect();
-        let stored = self.store.insert_commands(&commands);
-        let flusher = self.flusher.clone();
-        let flushed = async move {
-            stored?;
-            flusher.flush().await
-        };
-        Box::pin(flushed.into_actor(self).map(move |flushed, act, ctx| {
-            flushed?;
-            let mut commands = commands;
-            for record in &mut commands {
-                if record.state != CommandState::Failed {
-                    act.launch_or_fail(record, ctx);
-                }
+        if let Err(e) = self.store.insert_commands(&commands) {
+            return Box::pin(actix::fut::ready(Err(e.into())));
+        }
+        // As for one command: sent at once, answered once on disk.
+        let mut commands = commands;
+        for record in &mut commands {
+            if record.state != CommandState::Failed {
+                self.launch_or_fail(record, ctx);
             }
-            Ok(FanoutView {
-                fanout_id,
-                commands,
-            })
-        }))
+        }
+        let flusher = self.flusher.clone();
+        Box::pin(
+            async move {
+                flusher.flush().await?;
+                Ok(FanoutView {
+                    fanout_id,
+                    commands,
+                })
+            }
+            .into_actor(self),
+        )
     }
 }
 
