@@ -9,7 +9,8 @@
 //! the payloads of HELLO and STILL_ALIVE, from `sysinfo`.
 
 use crate::settings::{Settings, SystemProbe};
-use std::net::Ipv4Addr;
+use std::ffi::CStr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use vmc_protocol::words::{GuestInfo, LoadSummary};
 
@@ -150,25 +151,102 @@ pub fn load_summary(settings: &Settings, running_cmds: usize) -> LoadSummary {
 
 /// IP addresses of the machine: the id interface's first, then the others; no loopback.
 fn ip_addresses(preferred: Option<&str>) -> Vec<String> {
-    let Ok(networks) = sysinfo::Networks::new_with_refreshed_list() else {
-        return Vec::new();
-    };
     // Sorted by (other interface, IPv6, address): the id interface's IPv4 first.
-    let mut found: Vec<(bool, bool, String)> = Vec::new();
-    for (name, data) in networks.iter() {
-        let other = Some(name.to_string_lossy().as_ref()) != preferred;
-        for network in data.ip_networks().iter().filter(|n| !n.addr.is_loopback()) {
-            found.push((other, network.addr.is_ipv6(), network.addr.to_string()));
-        }
-    }
+    let mut found: Vec<(bool, bool, String)> = interface_addresses()
+        .into_iter()
+        .filter(|(_, addr)| !addr.is_loopback())
+        .map(|(name, addr)| {
+            (
+                Some(name.as_str()) != preferred,
+                addr.is_ipv6(),
+                addr.to_string(),
+            )
+        })
+        .collect();
     found.sort();
     found.dedup();
     found.into_iter().map(|(_, _, addr)| addr).collect()
 }
 
+/// Every interface's IPv4 and IPv6 addresses, from one `getifaddrs` (a netlink
+/// query: unlike listing networks with their counters, it opens no file, which
+/// matters at every beacon of a thousand guests on one machine).
+#[allow(unsafe_code)]
+fn interface_addresses() -> Vec<(String, IpAddr)> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `list` is a valid place for the pointer getifaddrs allocates.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    let mut node = list;
+    while !node.is_null() {
+        // SAFETY: `node` is an entry of the list getifaddrs returned, freed below only.
+        let entry = unsafe { &*node };
+        node = entry.ifa_next;
+        if entry.ifa_addr.is_null() || entry.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a non-null `ifa_name` is a NUL-terminated string owned by the list.
+        let name = unsafe { CStr::from_ptr(entry.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: a non-null `ifa_addr` points at a sockaddr whose family tells its
+        // real type; only those of AF_INET and AF_INET6 are read as such.
+        let addr = unsafe {
+            match i32::from((*entry.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
+                    IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*entry.ifa_addr.cast::<libc::sockaddr_in6>();
+                    IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+                }
+                _ => continue,
+            }
+        };
+        found.push((name, addr));
+    }
+    // SAFETY: `list` came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_come_from_every_interface_but_loopback_is_left_out() {
+        let all = interface_addresses();
+        assert!(
+            all.contains(&("lo".to_owned(), IpAddr::V4(Ipv4Addr::LOCALHOST))),
+            "{all:?}"
+        );
+        let shown = ip_addresses(None);
+        assert!(
+            !shown.iter().any(|a| a == "127.0.0.1" || a == "::1"),
+            "{shown:?}"
+        );
+        let others: Vec<String> = all
+            .iter()
+            .filter(|(_, addr)| !addr.is_loopback())
+            .map(|(_, addr)| addr.to_string())
+            .collect();
+        for addr in &others {
+            assert!(shown.contains(addr), "{addr} missing from {shown:?}");
+        }
+        // The preferred interface's IPv4 address comes first.
+        if let Some((name, _)) = all.iter().find(|(_, a)| a.is_ipv4() && !a.is_loopback()) {
+            let first = ip_addresses(Some(name)).first().cloned().unwrap();
+            assert!(
+                all.iter()
+                    .any(|(n, a)| n == name && a.is_ipv4() && a.to_string() == first),
+                "{first} is not an IPv4 address of {name}: {all:?}"
+            );
+        }
+    }
 
     #[test]
     fn gateway_is_read_from_the_route_table() {
