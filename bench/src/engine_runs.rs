@@ -1,7 +1,8 @@
 //! Scenarios driven through the host engine's library API in-process (an actix
 //! System, the unmanaged backend, like `tests/integration/host.rs`), against real
 //! `vmc-guest` processes on the real RabbitMQ: the command round trip and the
-//! multicast fan-out, with this process's CPU time and RSS from `/proc/self`.
+//! multicast fan-out, with this process's CPU time and RSS from `/proc/self`; then
+//! the fan-out again on ActiveMQ, with an engine and guests of its own.
 
 use crate::machine;
 use crate::report::Row;
@@ -23,14 +24,23 @@ pub const ROUND_TRIP: &str = "1. Command round trip";
 pub const FANOUT: &str = "2. Fan-out";
 const PATIENCE: Duration = Duration::from_secs(120);
 
-/// Runs the engine scenarios; rows measured so far and the failures.
-pub fn run(mode: &Mode, broker_port: u16) -> (Vec<Row>, Vec<String>) {
+/// Runs the engine scenarios (round trip and fan-out on RabbitMQ, the fan-out
+/// again on ActiveMQ at `mode.activemq_fanout_sizes`); rows measured so far and
+/// the failures.
+pub fn run(mode: &Mode, broker_port: u16, activemq_port: u16) -> (Vec<Row>, Vec<String>) {
     let system = actix_rt::System::new();
     system.block_on(async {
         let mut rows = Vec::new();
         let mut failures = Vec::new();
         if let Err(e) = scenarios(mode, broker_port, &mut rows, &mut failures).await {
             failures.push(format!("engine scenarios: {e}"));
+        }
+        let sizes = &mode.activemq_fanout_sizes;
+        if !sizes.is_empty() {
+            let broker = ("ActiveMQ", activemq_port);
+            if let Err(e) = fanouts(sizes, broker, mode, &mut rows, &mut failures).await {
+                failures.push(format!("{FANOUT} (ActiveMQ): {e}"));
+            }
         }
         (rows, failures)
     })
@@ -69,6 +79,33 @@ async fn wait_alive(
     Ok(())
 }
 
+/// An engine in-process (unmanaged backend) on the broker at `broker_port`, its
+/// destinations under `prefix`, its state in `dir`.
+async fn start_engine(
+    broker_port: u16,
+    prefix: &str,
+    dir: &std::path::Path,
+) -> Result<Engine, BenchError> {
+    let mut config = EngineConfig::new(
+        HostId::new(format!("{prefix}-host"))
+            .map_err(|e| BenchError::Api(format!("host id: {e}")))?,
+        SessionConfig::new(BrokerAddress::tcp("127.0.0.1", broker_port))
+            .with_credentials("guest", "guest"),
+        dir.to_path_buf(),
+        Arc::new(Unmanaged),
+    );
+    config.destinations = Destinations::new(prefix)
+        .map_err(|e| BenchError::Api(format!("destination prefix: {e}")))?;
+    Ok(Engine::start(config).await?)
+}
+
+/// A guest process named `id` on the broker at `broker_port`, under `prefix`.
+fn guest(broker_port: u16, prefix: &str, id: &str) -> GuestProcess {
+    let mut options = GuestOptions::new(broker_port, prefix, Some(id));
+    options.beacon_interval = 5.0;
+    GuestProcess::start(options)
+}
+
 async fn scenarios(
     mode: &Mode,
     broker_port: u16,
@@ -77,24 +114,8 @@ async fn scenarios(
 ) -> Result<(), BenchError> {
     let prefix = crate::run_tag("engine");
     let dir = tempfile::tempdir().map_err(BenchError::io("creating the engine state dir"))?;
-    let mut config = EngineConfig::new(
-        HostId::new(format!("{prefix}-host"))
-            .map_err(|e| BenchError::Api(format!("host id: {e}")))?,
-        SessionConfig::new(BrokerAddress::tcp("127.0.0.1", broker_port))
-            .with_credentials("guest", "guest"),
-        dir.path().to_path_buf(),
-        Arc::new(Unmanaged),
-    );
-    config.destinations = Destinations::new(&prefix)
-        .map_err(|e| BenchError::Api(format!("destination prefix: {e}")))?;
-    let engine = Engine::start(config).await?;
-    let guest = |id: &str| {
-        let mut options = GuestOptions::new(broker_port, &prefix, Some(id));
-        options.beacon_interval = 5.0;
-        GuestProcess::start(options)
-    };
-
-    let rt_guest = guest("rt-0");
+    let engine = start_engine(broker_port, &prefix, dir.path()).await?;
+    let rt_guest = guest(broker_port, &prefix, "rt-0");
     wait_alive(&engine, "rt-", 1, Duration::from_secs(30)).await?;
     let subject = "vmc engine (in-process) → guest process";
     match round_trip(mode, &engine, "rt-0", subject, "RabbitMQ").await {
@@ -102,27 +123,53 @@ async fn scenarios(
         Err(e) => failures.push(format!("{ROUND_TRIP} (engine): {e}")),
     }
     drop(rt_guest);
+    engine.shutdown().await;
+    fanouts(
+        &mode.fanout_sizes,
+        ("RabbitMQ", broker_port),
+        mode,
+        rows,
+        failures,
+    )
+    .await
+}
 
+/// The fan-out at each of `sizes` (ascending) through one broker (name, port),
+/// with an engine of its own and guests added as N grows.
+async fn fanouts(
+    sizes: &[usize],
+    (broker, broker_port): (&str, u16),
+    mode: &Mode,
+    rows: &mut Vec<Row>,
+    failures: &mut Vec<String>,
+) -> Result<(), BenchError> {
+    let prefix = crate::run_tag("fanout");
+    let dir = tempfile::tempdir().map_err(BenchError::io("creating the engine state dir"))?;
+    let engine = start_engine(broker_port, &prefix, dir.path()).await?;
     let mut guests = Vec::new();
-    for &n in &mode.fanout_sizes {
+    for &n in sizes {
         while guests.len() < n {
-            guests.push(guest(&format!("fan-{:04}", guests.len())));
+            guests.push(guest(
+                broker_port,
+                &prefix,
+                &format!("fan-{:04}", guests.len()),
+            ));
         }
         let started = Instant::now();
         if let Err(e) = wait_alive(&engine, "fan-", n, Duration::from_secs(30 + n as u64 / 5)).await
         {
-            failures.push(format!("{FANOUT} N={n}: {e}"));
+            failures.push(format!("{FANOUT} N={n}, {broker}: {e}"));
             break;
         }
         let start_secs = started.elapsed().as_secs_f64();
-        match fanout(mode, &engine, n).await {
+        match fanout(mode, &engine, n, broker).await {
             Ok(mut r) => {
                 for row in &mut r {
                     row.note = format!("{}; {n} guests said HELLO in {start_secs:.1} s", row.note);
                 }
                 rows.append(&mut r);
             }
-            Err(e) => failures.push(format!("{FANOUT} N={n}: {e}")),
+            Err(e) => failures.push(format!("{FANOUT} N={n}, {broker}: {e}")),
         }
     }
     drop(guests);
@@ -164,7 +211,12 @@ pub(crate) async fn round_trip(
     ])
 }
 
-async fn fanout(mode: &Mode, engine: &Engine, n: usize) -> Result<Vec<Row>, BenchError> {
+async fn fanout(
+    mode: &Mode,
+    engine: &Engine,
+    n: usize,
+    broker: &str,
+) -> Result<Vec<Row>, BenchError> {
     // fan-0000.. fan-0009 for 10, fan-0000.. fan-0099 for 100, all four digits for 1000.
     let digits = n.to_string().len() - 1;
     let glob = format!("fan-{}{}", "0".repeat(4 - digits), "?".repeat(digits));
@@ -197,13 +249,21 @@ async fn fanout(mode: &Mode, engine: &Engine, n: usize) -> Result<Vec<Row>, Benc
         rss.push(after.rss_bytes as f64 / 1048576.0);
     }
     let peak = machine::usage("self").hwm_bytes as f64 / 1048576.0;
-    let subject = format!("vmc engine, N = {n} guest processes");
-    let note = "one multicast runCmd(\"true\") until every result is in".to_owned();
+    let subject = match broker {
+        "RabbitMQ" => format!("vmc engine, N = {n} guest processes"),
+        _ => format!("vmc engine, N = {n} guest processes, {broker}"),
+    };
+    let note = format!("one multicast runCmd(\"true\") until every result is in, {broker}");
     Ok(vec![
         Row::new(FANOUT, subject.clone(), "end to end", "ms", &e2e).note(note),
         Row::new(FANOUT, subject.clone(), "host CPU time", "ms", &cpu)
             .note("user+sys of the engine's process, 10 ms ticks"),
-        Row::new(FANOUT, subject, "host RSS", "MiB", &rss)
-            .note(format!("after the fan-out; peak (VmHWM) {peak:.1} MiB")),
+        Row::new(FANOUT, subject, "host RSS", "MiB", &rss).note(format!(
+            "after the fan-out; peak (VmHWM) {peak:.1} MiB{}",
+            match broker {
+                "RabbitMQ" => "",
+                _ => " (this process ran the RabbitMQ fan-outs first)",
+            }
+        )),
     ])
 }

@@ -44,6 +44,8 @@ pub struct Mode {
     pub peer_round_trips: usize,
     /// Fan-out sizes (real guest processes).
     pub fanout_sizes: Vec<usize>,
+    /// Fan-out sizes on ActiveMQ (fewer in the short mode: CI's time is short).
+    pub activemq_fanout_sizes: Vec<usize>,
     /// Simulated VMs registered before the API load.
     pub simulated_vms: usize,
     /// How long each API load repetition lasts.
@@ -60,6 +62,9 @@ pub struct Mode {
     pub presence_window: Duration,
     /// Guests silenced at once in each detection repetition.
     pub lost_guests: usize,
+    /// Repetitions of the presence scenario on ActiveMQ (the same guests and
+    /// windows as on RabbitMQ).
+    pub activemq_presence_repetitions: usize,
     /// Bytes of each file transfer.
     pub transfer_bytes: u64,
 }
@@ -72,6 +77,7 @@ impl Mode {
             round_trips: 1000,
             peer_round_trips: 40,
             fanout_sizes: vec![10, 100, 1000],
+            activemq_fanout_sizes: vec![10, 100, 1000],
             simulated_vms: 1000,
             load_duration: Duration::from_secs(5),
             connections: 64,
@@ -80,6 +86,7 @@ impl Mode {
             beacon_interval: Duration::from_secs(10),
             presence_window: Duration::from_secs(20),
             lost_guests: 100,
+            activemq_presence_repetitions: 3,
             transfer_bytes: 1 << 30,
         }
     }
@@ -91,6 +98,7 @@ impl Mode {
             round_trips: 30,
             peer_round_trips: 10,
             fanout_sizes: vec![10, 100],
+            activemq_fanout_sizes: vec![10],
             simulated_vms: 100,
             load_duration: Duration::from_secs(1),
             connections: 64,
@@ -99,6 +107,7 @@ impl Mode {
             beacon_interval: Duration::from_secs(1),
             presence_window: Duration::from_secs(2),
             lost_guests: 100,
+            activemq_presence_repetitions: 1,
             transfer_bytes: 32 << 20,
         }
     }

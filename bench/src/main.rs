@@ -172,8 +172,8 @@ fn main() -> ExitCode {
     if wanted("engine") {
         eprintln!("vmc-bench: ssh peer ...");
         ssh = ssh_rows(&mode);
-        eprintln!("vmc-bench: in-process engine (round trip, fan-out) ...");
-        let (rows, more) = engine_runs::run(&mode, broker_port);
+        eprintln!("vmc-bench: in-process engine (round trip, fan-out on both brokers) ...");
+        let (rows, more) = engine_runs::run(&mode, broker_port, activemq_port);
         measured.extend(rows);
         failures.extend(more);
     }
@@ -183,29 +183,34 @@ fn main() -> ExitCode {
         measured.extend(rows);
         failures.extend(more);
     }
+    let brokers = [
+        Broker {
+            name: "RabbitMQ",
+            port: broker_port,
+        },
+        Broker {
+            name: "ActiveMQ",
+            port: activemq_port,
+        },
+    ];
     if wanted("presence") {
-        eprintln!(
-            "vmc-bench: presence at scale ({} simulated guests) ...",
-            mode.presence_guests
-        );
-        let (rows, more) = presence_runs::run(&mode, broker_port, &host_bin);
-        measured.extend(rows);
-        failures.extend(more);
+        for (broker, repetitions) in [
+            (brokers[0], mode.heavy_repetitions),
+            (brokers[1], mode.activemq_presence_repetitions),
+        ] {
+            eprintln!(
+                "vmc-bench: presence at scale ({} simulated guests, {}) ...",
+                mode.presence_guests, broker.name
+            );
+            let (rows, more) = presence_runs::run(&mode, broker, repetitions, &host_bin);
+            measured.extend(rows);
+            failures.extend(more);
+        }
     }
     if wanted("transfer") {
         eprintln!(
             "vmc-bench: file transfer (both brokers, raw STOMP, scp), ActiveMQ round trip ..."
         );
-        let brokers = [
-            Broker {
-                name: "RabbitMQ",
-                port: broker_port,
-            },
-            Broker {
-                name: "ActiveMQ",
-                port: activemq_port,
-            },
-        ];
         let (rows, more) = transfer_runs::run(&mode, &brokers);
         measured.extend(rows);
         failures.extend(more);
@@ -223,7 +228,9 @@ fn main() -> ExitCode {
     }
     rows.extend(ssh);
     if wanted("vm") {
-        eprintln!("vmc-bench: round trip in a QEMU VM, qemu-guest-agent peer ...");
+        eprintln!(
+            "vmc-bench: round trip and file transfer in a QEMU VM, qemu-guest-agent peer ..."
+        );
         let (vm_rows, more) = vmc_bench::vm_runs::run(&mode, broker_port, &host_bin, &root);
         rows.extend(vm_rows);
         failures.extend(more);

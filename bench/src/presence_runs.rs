@@ -1,18 +1,21 @@
 //! Presence at scale: a real `vmc-host` process (unmanaged backend) and many
 //! simulated guests ([`simulator::BeaconFleet`], the real protocol's HELLO and
-//! STILL_ALIVE over real RabbitMQ sessions, several guests per session) beaconing
+//! STILL_ALIVE over real broker sessions, several guests per session) beaconing
 //! at the host's own interval. Measured: the host's CPU (from `/proc/<pid>/stat`
 //! over a window in which nothing but the beacons reaches it) and RSS, then the
 //! time until the host reports a group of guests silenced at once as `suspect` and
 //! as `lost`, timed on its live event stream (`GET /api/v1/events?vm=...`), and
 //! how late that came past the threshold (3 intervals after each guest's last
-//! beacon). There is no peer: no other tool tracks guests this way.
+//! beacon). It runs on RabbitMQ and again on ActiveMQ, each time with a host, a
+//! destination prefix and a fleet of its own. There is no peer: no other tool
+//! tracks guests this way.
 
 use crate::event_stream::EventStream;
 use crate::host_runs::HostProcess;
 use crate::http_client::HttpConnection;
 use crate::report::Row;
 use crate::simulator::{self, BeaconFleet, GUESTS_PER_CONNECTION};
+use crate::transfer_runs::Broker;
 use crate::{machine, BenchError, Mode};
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,11 +23,20 @@ use std::time::{Duration, Instant};
 
 pub const PRESENCE: &str = "3. Presence";
 
-/// Runs the presence scenario; its rows and the failures.
-pub fn run(mode: &Mode, broker_port: u16, host_bin: &Path) -> (Vec<Row>, Vec<String>) {
-    match scenario(mode, broker_port, host_bin) {
+/// Runs the presence scenario through `broker`, `repetitions` times each figure;
+/// its rows and the failures.
+pub fn run(
+    mode: &Mode,
+    broker: Broker,
+    repetitions: usize,
+    host_bin: &Path,
+) -> (Vec<Row>, Vec<String>) {
+    match scenario(mode, broker, repetitions, host_bin) {
         Ok(rows) => (rows, Vec::new()),
-        Err(e) => (Vec::new(), vec![format!("{PRESENCE}: {e}")]),
+        Err(e) => (
+            Vec::new(),
+            vec![format!("{PRESENCE} ({}): {e}", broker.name)],
+        ),
     }
 }
 
@@ -60,7 +72,13 @@ fn wait_for(
     Ok(())
 }
 
-fn scenario(mode: &Mode, broker_port: u16, host_bin: &Path) -> Result<Vec<Row>, BenchError> {
+fn scenario(
+    mode: &Mode,
+    broker: Broker,
+    repetitions: usize,
+    host_bin: &Path,
+) -> Result<Vec<Row>, BenchError> {
+    let broker_port = broker.port;
     let prefix = crate::run_tag("presence");
     let interval = mode.beacon_interval;
     let count = mode.presence_guests;
@@ -84,13 +102,15 @@ fn scenario(mode: &Mode, broker_port: u16, host_bin: &Path) -> Result<Vec<Row>, 
     let started = Instant::now();
     runtime.block_on(simulator::register(broker_port, &prefix, count))?;
     let fleet = runtime.block_on(BeaconFleet::start(broker_port, &prefix, count, interval))?;
-    let result = measure(mode, &host, &fleet, started);
+    let result = measure(mode, broker.name, repetitions, &host, &fleet, started);
     runtime.block_on(fleet.stop());
     result
 }
 
 fn measure(
     mode: &Mode,
+    broker: &str,
+    repetitions: usize,
     host: &HostProcess,
     fleet: &BeaconFleet,
     started: Instant,
@@ -108,7 +128,7 @@ fn measure(
 
     let label = format!(
         "{count} simulated guests over {} STOMP sessions ({GUESTS_PER_CONNECTION} per \
-         session), STILL_ALIVE every {:.0} s, RabbitMQ; all alive {:.1} s after the first HELLO",
+         session), STILL_ALIVE every {:.0} s, {broker}; all alive {:.1} s after the first HELLO",
         fleet.sessions(),
         interval.as_secs_f64(),
         registered_in.as_secs_f64()
@@ -121,7 +141,7 @@ fn measure(
         Duration::from_millis(200),
         mode.presence_window.min(interval.mul_f64(0.7)),
     );
-    for _ in 0..mode.heavy_repetitions {
+    for _ in 0..repetitions {
         let (before, me, sent) = (host.usage(), machine::usage("self"), fleet.beacons_sent());
         let window = Instant::now();
         std::thread::sleep(mode.presence_window);
@@ -144,7 +164,10 @@ fn measure(
         std::thread::sleep(interval);
     }
     let median = |v: &[f64]| crate::stats::Spread::of(v).map_or(0.0, |s| s.median);
-    let subject = format!("vmc-host, {count} simulated guests");
+    let subject = match broker {
+        "RabbitMQ" => format!("vmc-host, {count} simulated guests"),
+        _ => format!("vmc-host, {count} simulated guests, {broker}"),
+    };
     let mut rows = vec![
         Row::new(PRESENCE, subject.clone(), "host CPU", "% of a core", &cpu).note(format!(
             "{label}; {:.0} beacons/s sent; over {:.0} s windows; target < 25 %; the simulator \
@@ -172,7 +195,7 @@ fn measure(
     ];
 
     let (mut suspect, mut all_lost, mut late) = (Vec::new(), Vec::new(), Vec::new());
-    for rep in 0..mode.heavy_repetitions {
+    for rep in 0..repetitions {
         let first = (rep * lost) % count.max(1);
         let group = first..(first + lost).min(count);
         let detection = detect(host, fleet, group, interval)?;
