@@ -2,7 +2,8 @@
 //!
 //! Upload (`cpFileToVM`): hash the local file, `FILE_PUT`, wait for `FILE_READY`
 //! (the offset the guest already holds from an earlier attempt), send `FILE_CHUNK`s
-//! keeping at most `window` unacknowledged, and after the last `FILE_ACK` send
+//! keeping at most `window` unacknowledged (read in order by the transfer's
+//! [`DiskReader`] on the blocking pool), and after the last `FILE_ACK` send
 //! `FILE_END`; the guest checks the SHA-256, renames its temporary file into place
 //! and answers `FILE_DONE`. Download (`cpFileFromVM`): `FILE_GET` from the offset of
 //! our own partial file, `FILE_READY` tells the size (and, from older guests, the
@@ -12,7 +13,8 @@
 //! back; every write reported is acknowledged. On `FILE_END` the worker flushes the
 //! file, checks its SHA-256 against the one `FILE_END` carries (reading the file
 //! again only if the transfer resumed mid-way), renames it into place, and the actor
-//! sends `FILE_DONE`. The actor's thread never writes, hashes or flushes. Every
+//! sends `FILE_DONE`. The actor's thread never reads, writes, hashes or flushes
+//! a file (uploads are hashed before the actor starts, by its caller). Every
 //! `stall` without progress (a chunk lost with a broker restart), the request is
 //! repeated with the same transfer id and the transfer resumes from where the
 //! receiving side stands. A failure removes our partial file and ends with the
@@ -25,7 +27,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -249,14 +251,76 @@ impl DiskWorker {
     }
 }
 
+/// A chunk an upload's reader is asked for.
+#[derive(Debug)]
+struct ReadWork {
+    offset: u64,
+    len: u64,
+    epoch: u64,
+}
+
+/// The reader hands back a chunk (or why it could not read it).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct ChunkRead {
+    offset: u64,
+    epoch: u64,
+    data: Result<Bytes, String>,
+}
+
+/// An upload's reader: a task on the blocking pool that reads the chunks asked
+/// for, in order, so that the actors' thread never waits for the disk. It stops
+/// when its actor drops the sender.
+#[derive(Debug)]
+struct DiskReader {
+    work: mpsc::UnboundedSender<ReadWork>,
+}
+
+impl DiskReader {
+    fn start(local: PathBuf, report: Recipient<ChunkRead>) -> DiskReader {
+        let (work, mut queue) = mpsc::unbounded_channel::<ReadWork>();
+        tokio::task::spawn_blocking(move || {
+            let file = File::open(&local);
+            while let Some(ReadWork { offset, len, epoch }) = queue.blocking_recv() {
+                let data = file
+                    .as_ref()
+                    .map_err(|e| format!("cannot read {}: {e}", local.display()))
+                    .and_then(|file| {
+                        // A chunk is at most MAX_FILE_CHUNK_SIZE bytes, so it fits.
+                        let mut data = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+                        file.read_exact_at(&mut data, offset)
+                            .map(|()| Bytes::from(data))
+                            .map_err(|e| format!("cannot read {}: {e}", local.display()))
+                    });
+                report.do_send(ChunkRead {
+                    offset,
+                    epoch,
+                    data,
+                });
+            }
+        });
+        DiskReader { work }
+    }
+
+    fn queue(&self, work: ReadWork) {
+        // The reader only stops when this sender is dropped.
+        let _ = self.work.send(work);
+    }
+}
+
 /// Which way the bytes go, with what each side needs.
 #[derive(Debug)]
 enum Direction {
     ToGuest {
-        file: Option<File>,
+        /// Started with the first chunk to send.
+        reader: Option<DiskReader>,
         size: u64,
         sha256: String,
+        /// Bytes asked of the reader (and sent once read).
         sent: u64,
+        /// Bumped whenever sending starts again from an earlier offset; chunks
+        /// read for an older epoch are not sent.
+        epoch: u64,
     },
     FromGuest {
         part: PathBuf,
@@ -327,10 +391,11 @@ impl TransferActor {
     ) -> TransferActor {
         let direction = match plan.local_digest {
             Some((size, sha256)) if plan.to_guest => Direction::ToGuest {
-                file: None,
+                reader: None,
                 size,
                 sha256,
                 sent: 0,
+                epoch: 0,
             },
             _ => {
                 let mut part = plan.local.clone().into_os_string();
@@ -438,54 +503,48 @@ impl TransferActor {
         }
     }
 
-    /// Sends chunks while the window has room (uploads).
-    fn pump(&mut self) -> Result<(), String> {
+    /// Asks the reader for chunks while the window has room, and sends `FILE_END`
+    /// once everything is acknowledged (uploads).
+    fn pump(&mut self, ctx: &mut Context<Self>) {
         let window = u64::from(self.window) * u64::from(self.chunk_size);
         let Direction::ToGuest {
-            file, size, sent, ..
+            reader,
+            size,
+            sha256,
+            sent,
+            epoch,
         } = &mut self.direction
         else {
-            return Ok(());
+            return;
         };
-        if file.is_none() {
-            *file = Some(
-                File::open(&self.local)
-                    .map_err(|e| format!("cannot read {}: {e}", self.local.display()))?,
-            );
-        }
-        let Some(file) = file.as_mut() else {
-            return Ok(());
-        };
-        let mut chunks = Vec::new();
         while *sent < *size && *sent - self.done.min(*sent) < window {
-            let n = u64::from(self.chunk_size).min(*size - *sent) as usize;
-            let mut data = vec![0u8; n];
-            file.seek(SeekFrom::Start(*sent))
-                .and_then(|_| file.read_exact(&mut data))
-                .map_err(|e| format!("cannot read {}: {e}", self.local.display()))?;
-            chunks.push(Word::FileChunk {
-                transfer_id: self.id.clone(),
+            let len = u64::from(self.chunk_size).min(*size - *sent);
+            let reader = reader.get_or_insert_with(|| {
+                DiskReader::start(self.local.clone(), ctx.address().recipient())
+            });
+            reader.queue(ReadWork {
                 offset: *sent,
-                data: Bytes::from(data),
+                len,
+                epoch: *epoch,
             });
-            *sent += n as u64;
+            *sent += len;
         }
-        let all_acked = self.done >= *size;
-        let (size, sha) = match &self.direction {
-            Direction::ToGuest { size, sha256, .. } => (*size, sha256.clone()),
-            Direction::FromGuest { .. } => return Ok(()),
-        };
-        for chunk in chunks {
-            self.send(chunk);
-        }
-        if all_acked {
-            self.send(Word::FileEnd {
+        if self.done >= *size {
+            let end = Word::FileEnd {
                 transfer_id: self.id.clone(),
-                size,
-                sha256: sha,
-            });
+                size: *size,
+                sha256: sha256.clone(),
+            };
+            self.send(end);
         }
-        Ok(())
+    }
+
+    /// Sends (again) from `offset`: chunks read for earlier sends are dropped.
+    fn rewind(&mut self, offset: u64) {
+        if let Direction::ToGuest { sent, epoch, .. } = &mut self.direction {
+            *sent = offset;
+            *epoch += 1;
+        }
     }
 
     fn end(
@@ -657,9 +716,8 @@ impl Actor for TransferActor {
                     act.stall
                 );
                 act.last_progress = Instant::now();
-                if let Direction::ToGuest { sent, .. } = &mut act.direction {
-                    *sent = act.done; // resend whatever was not acknowledged
-                }
+                // Resend whatever was not acknowledged.
+                act.rewind(act.done);
                 act.request();
             }
         });
@@ -690,16 +748,10 @@ impl Handler<FromGuest> for TransferActor {
             } => {
                 self.last_progress = Instant::now();
                 match &mut self.direction {
-                    Direction::ToGuest { sent, .. } => {
+                    Direction::ToGuest { .. } => {
                         self.done = offset;
-                        *sent = offset;
-                        if let Err(message) = self.pump() {
-                            self.send(Word::FileAbort {
-                                transfer_id: self.id.clone(),
-                                reason: Some(message.clone()),
-                            });
-                            self.end(Err((FileErrorCode::Io, message)), ctx);
-                        }
+                        self.rewind(offset);
+                        self.pump(ctx);
                     }
                     Direction::FromGuest {
                         completing: true, ..
@@ -737,13 +789,7 @@ impl Handler<FromGuest> for TransferActor {
             }
             Word::FileAck { offset, .. } if upload => {
                 self.progress(offset);
-                if let Err(message) = self.pump() {
-                    self.send(Word::FileAbort {
-                        transfer_id: self.id.clone(),
-                        reason: Some(message.clone()),
-                    });
-                    self.end(Err((FileErrorCode::Io, message)), ctx);
-                }
+                self.pump(ctx);
             }
             Word::FileChunk { offset, data, .. } if !upload => self.on_chunk(offset, data, ctx),
             Word::FileEnd { size, sha256, .. } if !upload => {
@@ -762,6 +808,34 @@ impl Handler<FromGuest> for TransferActor {
                 ctx,
             ),
             other => log::debug!("transfer {}: unexpected {}", self.id, other.word()),
+        }
+    }
+}
+
+impl Handler<ChunkRead> for TransferActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChunkRead, ctx: &mut Context<Self>) {
+        let current = match &self.direction {
+            Direction::ToGuest { epoch, .. } => *epoch == msg.epoch,
+            Direction::FromGuest { .. } => false,
+        };
+        if self.ended.is_some() || !current {
+            return;
+        }
+        match msg.data {
+            Ok(data) => self.send(Word::FileChunk {
+                transfer_id: self.id.clone(),
+                offset: msg.offset,
+                data,
+            }),
+            Err(message) => {
+                self.send(Word::FileAbort {
+                    transfer_id: self.id.clone(),
+                    reason: Some(message.clone()),
+                });
+                self.end(Err((FileErrorCode::Io, message)), ctx);
+            }
         }
     }
 }
