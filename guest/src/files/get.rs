@@ -26,20 +26,17 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use vmc_protocol::words::{FileRequest, Message};
 
 use super::paths::{self, AllowedRoots};
 use super::{
-    blocking, check_pacing, hex, wait_for, Inbox, Input, Next, TransferContext, TransferError,
+    blocking, check_pacing, wait_for, Inbox, Input, Next, StreamDigest, TransferContext,
+    TransferError,
 };
 
 /// Bytes read at a time when hashing the part of the file before a resume offset.
 const HASH_BUFFER: usize = 1024 * 1024;
-
-/// Chunks read but not yet hashed: reading waits for the digest beyond this.
-const DIGEST_BACKLOG: usize = 16;
 
 /// What a GET task starts from.
 #[derive(Debug)]
@@ -140,43 +137,6 @@ pub(super) async fn run(
                 other.word()
             ),
         }
-    }
-}
-
-/// The SHA-256 of a stream of chunks, computed on a blocking thread as they come.
-#[derive(Debug)]
-struct StreamDigest {
-    chunks: mpsc::Sender<Bytes>,
-    hasher: JoinHandle<String>,
-}
-
-impl StreamDigest {
-    /// A digest that continues `hasher` (which may already hold a prefix).
-    fn start(hasher: Sha256) -> StreamDigest {
-        let (chunks, mut receiver) = mpsc::channel::<Bytes>(DIGEST_BACKLOG);
-        let hasher = tokio::task::spawn_blocking(move || {
-            let mut hasher = hasher;
-            while let Some(chunk) = receiver.blocking_recv() {
-                hasher.update(&chunk);
-            }
-            hex(&hasher.finalize())
-        });
-        StreamDigest { chunks, hasher }
-    }
-
-    /// Adds the next bytes; waits only when the hashing is [`DIGEST_BACKLOG`] behind.
-    async fn update(&self, chunk: Bytes) {
-        // The receiver lives until `finish`, which takes `self`.
-        let _ = self.chunks.send(chunk).await;
-    }
-
-    /// The digest of everything added.
-    async fn finish(self, path: &std::path::Path) -> Result<String, TransferError> {
-        drop(self.chunks);
-        self.hasher.await.map_err(|source| TransferError::Worker {
-            path: path.to_owned(),
-            source,
-        })
     }
 }
 
@@ -400,6 +360,7 @@ fn open_from(roots: &AllowedRoots, requested: &str, offset: u64) -> Result<Opene
 
 #[cfg(test)]
 mod tests {
+    use super::super::hex;
     use super::*;
     use std::fs;
 

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use vmc_protocol::words::{FileErrorCode, FileOffer, FileRequest, Message};
@@ -538,6 +539,48 @@ async fn wait_for(previous: Option<JoinHandle<()>>, transfer_id: &str) {
         if let Err(err) = previous.await {
             log::error!("the earlier attempt at transfer {transfer_id} failed: {err}");
         }
+    }
+}
+
+/// Chunks given to a [`StreamDigest`] but not yet hashed: beyond this, giving
+/// waits for the hashing.
+const DIGEST_BACKLOG: usize = 16;
+
+/// The SHA-256 of a stream of chunks, computed on a blocking thread as they come,
+/// so that hashing overlaps reading, writing and sending.
+#[derive(Debug)]
+pub(super) struct StreamDigest {
+    chunks: mpsc::Sender<Bytes>,
+    hasher: JoinHandle<String>,
+}
+
+impl StreamDigest {
+    /// A digest that continues `hasher` (which may already hold a prefix).
+    pub(super) fn start(hasher: Sha256) -> StreamDigest {
+        let (chunks, mut receiver) = mpsc::channel::<Bytes>(DIGEST_BACKLOG);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hasher = hasher;
+            while let Some(chunk) = receiver.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            hex(&hasher.finalize())
+        });
+        StreamDigest { chunks, hasher }
+    }
+
+    /// Adds the next bytes; waits only when the hashing is [`DIGEST_BACKLOG`] behind.
+    pub(super) async fn update(&self, chunk: Bytes) {
+        // The receiver lives until `finish`, which takes `self`.
+        let _ = self.chunks.send(chunk).await;
+    }
+
+    /// The digest of everything added.
+    pub(super) async fn finish(self, path: &std::path::Path) -> Result<String, TransferError> {
+        drop(self.chunks);
+        self.hasher.await.map_err(|source| TransferError::Worker {
+            path: path.to_owned(),
+            source,
+        })
     }
 }
 

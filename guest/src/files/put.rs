@@ -5,7 +5,9 @@
 //! (and it is no longer than the offer), its bytes are hashed again and the
 //! transfer resumes after them, else it starts at 0. It answers `FILE_READY`, then
 //! appends each chunk that continues the written bytes (duplicates are ignored,
-//! gaps dropped) and acknowledges every chunk with the bytes written so far. On
+//! gaps dropped) and acknowledges every chunk with the bytes written so far; the
+//! bytes are hashed by a [`StreamDigest`] beside the writing, so an
+//! acknowledgement waits for the write only. On
 //! `FILE_END` it checks size and SHA-256, flushes the file to disk, applies the
 //! mode (the offer's, else that of the file it replaces), renames it over the
 //! target and flushes the directory. Any failure, `FILE_ABORT` or `FILE_ERROR`
@@ -13,10 +15,11 @@
 //! resume. Disk work runs in `spawn_blocking`, one chunk at a time.
 
 use std::fs::{self, File, Permissions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -25,8 +28,8 @@ use vmc_protocol::words::{is_sha256_hex, FileOffer, Message};
 
 use super::paths::{self, AllowedRoots, PutTarget};
 use super::{
-    blocking, check_pacing, hex, wait_for, Inbox, Input, Next, TransferContext, TransferError,
-    STALE_PARTIAL_AGE,
+    blocking, check_pacing, wait_for, Inbox, Input, Next, StreamDigest, TransferContext,
+    TransferError, STALE_PARTIAL_AGE,
 };
 
 /// Bytes read at a time when hashing a partial file again.
@@ -155,6 +158,13 @@ struct PartialFile {
     hasher: Sha256,
 }
 
+/// Where a chunk's bytes go: written at its offset, hashed beside.
+#[derive(Debug)]
+struct Sink {
+    file: Arc<File>,
+    digest: StreamDigest,
+}
+
 /// A PUT in progress.
 #[derive(Debug)]
 struct Receiver {
@@ -162,8 +172,8 @@ struct Receiver {
     offer: FileOffer,
     target: PutTarget,
     partial: PathBuf,
-    /// Shared with the blocking work, one piece at a time.
-    file: Arc<Mutex<PartialFile>>,
+    /// Taken by `finish`.
+    sink: Option<Sink>,
     /// Bytes written contiguously from the start.
     written: u64,
 }
@@ -202,7 +212,10 @@ impl Receiver {
             offer,
             target: prepared.target,
             partial: prepared.partial,
-            file: Arc::new(Mutex::new(prepared.file)),
+            sink: Some(Sink {
+                file: Arc::new(prepared.file.file),
+                digest: StreamDigest::start(prepared.file.hasher),
+            }),
             written: prepared.written,
         })
     }
@@ -238,21 +251,21 @@ impl Receiver {
         }
         // offset <= written < end: the new bytes start inside this chunk.
         let fresh = data.slice(usize::try_from(self.written - offset).unwrap_or(0)..);
-        let file = self.file.clone();
-        let partial = self.partial.clone();
+        let Some(sink) = &self.sink else {
+            return Err(self.protocol("a chunk after FILE_END".to_owned()));
+        };
+        let (file, partial, at) = (sink.file.clone(), self.partial.clone(), self.written);
+        let bytes = fresh.clone();
         blocking(&self.partial, move || {
-            let mut file = lock(&file);
-            file.file
-                .write_all(&fresh)
+            file.write_all_at(&bytes, at)
                 .map_err(|source| TransferError::Io {
                     path: partial,
                     action: "write the partial file",
                     source,
-                })?;
-            file.hasher.update(&fresh);
-            Ok(())
+                })
         })
         .await?;
+        sink.digest.update(fresh).await;
         self.written = end;
         Ok(end)
     }
@@ -265,15 +278,16 @@ impl Receiver {
                 self.written, self.offer.size
             )));
         }
-        let file = self.file.clone();
+        let Some(Sink { file, digest }) = self.sink.take() else {
+            return Err(self.protocol("a second FILE_END".to_owned()));
+        };
+        let actual = digest.finish(&self.partial).await?;
         let offered = self.offer.sha256.clone();
         let ended = sha256.to_ascii_lowercase();
         let mode = self.offer.mode.or(self.target.existing_mode);
         let partial = self.partial.clone();
         let (target, dir) = (self.target.path.clone(), self.target.dir.clone());
         blocking(&self.partial, move || {
-            let file = lock(&file);
-            let actual = hex(&file.hasher.clone().finalize());
             for expected in [offered, ended] {
                 if actual != expected {
                     return Err(TransferError::ChecksumMismatch {
@@ -288,12 +302,10 @@ impl Receiver {
                 action,
                 source,
             };
-            file.file
-                .sync_all()
+            file.sync_all()
                 .map_err(|source| io_error("flush the received file to disk", source))?;
             if let Some(mode) = mode {
-                file.file
-                    .set_permissions(Permissions::from_mode(mode & 0o7777))
+                file.set_permissions(Permissions::from_mode(mode & 0o7777))
                     .map_err(|source| io_error("set the file's mode", source))?;
             }
             fs::rename(&partial, &target)
@@ -438,14 +450,9 @@ fn resume(
     Ok((PartialFile { file, hasher }, written))
 }
 
-/// Locks the partial file; a panic while it was held already failed the transfer
-/// (its blocking task's error ends it), so a poisoned lock is taken as is.
-fn lock(file: &Mutex<PartialFile>) -> MutexGuard<'_, PartialFile> {
-    file.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::hex;
     use super::*;
 
     #[test]
