@@ -26,7 +26,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::watch;
 use vmc_protocol::words::{Message, OutputStream, MAX_OUTPUT_CHUNK};
 
-use super::{error_text, ExecError};
+use super::{error_text, ExecError, StartedNotice};
 use crate::outbox::{Reply, ReplySender};
 
 /// Buffer between the pipe and the output file: large, so that 100 MiB take ~100 writes.
@@ -38,6 +38,8 @@ pub(super) struct OutputSink {
     pub cmd_id: String,
     pub reply_to: String,
     pub replies: ReplySender,
+    /// Sent before the first chunk, so that `CMD_STARTED` always comes first.
+    pub started: Arc<StartedNotice>,
 }
 
 /// What became of one stream, for the command's result.
@@ -152,6 +154,7 @@ impl StreamCapture {
                 offset,
                 data: Bytes::copy_from_slice(data),
             };
+            sink.started.send();
             // A closed channel means the agent is going away; the result still counts.
             let _ = sink
                 .replies
@@ -297,7 +300,13 @@ mod tests {
         let sink = OutputSink {
             cmd_id: "c".to_owned(),
             reply_to: "/queue/r".to_owned(),
-            replies,
+            replies: replies.clone(),
+            // Already sent: only output follows.
+            started: Arc::new(StartedNotice {
+                reply_to: "/queue/r".to_owned(),
+                replies,
+                message: std::sync::Mutex::new(None),
+            }),
         };
         let mut cap = capture(dir.path(), 5, Some(sink));
         cap.take(b"abc").await;

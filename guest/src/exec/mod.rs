@@ -4,8 +4,9 @@
 //! every command from [`Executor::run`] until its [`CommandResult`] is handed to the
 //! results channel: at most `max_concurrent` run, the rest wait in FIFO order. Each
 //! running command is one tokio task that spawns the program without a shell, in a
-//! process group of its own (`process`), sends `CMD_STARTED` and (when the spec
-//! streams) `CMD_OUTPUT` straight to the reply channel, and keeps the first
+//! process group of its own (`process`), sends `CMD_STARTED` (once the command has
+//! run for [`STARTED_REPORT_DELAY`], or before its first output chunk) and (when the
+//! spec streams) `CMD_OUTPUT` straight to the reply channel, and keeps the first
 //! `output_limit` bytes of each stream, spilling a stream that passes the limit whole
 //! to `<output_dir>/<cmd-id>.out` or `.err` (`capture`). A blocking thread waits
 //! for the child; when it ends, whatever is left of its process group is SIGKILLed
@@ -58,6 +59,12 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// How long the pipes are still read after the command's process group is gone.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
+
+/// How long a command runs before its `CMD_STARTED` is sent. One that ends sooner
+/// without streaming any output reports its start only in its `CMD_RESULT`
+/// (`startedAt`): for the many short commands, one message fewer each way on the
+/// way to the result. Streamed output sends it at once, before the first chunk.
+pub const STARTED_REPORT_DELAY: Duration = Duration::from_millis(50);
 
 /// How many finished commands are remembered for `CMD_QUERY` and duplicate checks.
 pub const FINISHED_MEMORY: usize = 1024;
@@ -165,6 +172,27 @@ struct LiveCommand {
     out_bytes: Arc<AtomicU64>,
     err_bytes: Arc<AtomicU64>,
     control: Mutex<Control>,
+}
+
+/// A command's `CMD_STARTED`, sent at most once: by the announcer once the command
+/// has run for [`STARTED_REPORT_DELAY`], or before its first streamed output.
+#[derive(Debug)]
+pub(super) struct StartedNotice {
+    reply_to: String,
+    replies: ReplySender,
+    message: Mutex<Option<Message>>,
+}
+
+impl StartedNotice {
+    /// Sends the `CMD_STARTED` unless it was sent already.
+    pub(super) fn send(&self) {
+        if let Some(message) = lock(&self.message).take() {
+            // A closed channel means the agent is going away.
+            let _ = self
+                .replies
+                .send(Reply::new(self.reply_to.clone(), message));
+        }
+    }
 }
 
 /// What signals may be sent to a command; every signal is sent with this locked.
@@ -444,11 +472,6 @@ impl Shared {
         }
     }
 
-    fn reply(&self, destination: &str, message: Message) {
-        // A closed channel means the agent is going away; results still go to the spool.
-        let _ = self.replies.send(Reply::new(destination, message));
-    }
-
     /// Runs one command to its end; see the module documentation.
     async fn execute(
         self: &Arc<Self>,
@@ -475,14 +498,26 @@ impl Shared {
         let started_at = now_rfc3339();
         let pid = spawned.pid;
         log::debug!("command {cmd_id} started as pid {pid}");
-        self.reply(
-            &live.reply_to,
-            Message::CmdStarted {
+        let notice = Arc::new(StartedNotice {
+            reply_to: live.reply_to.clone(),
+            replies: self.replies.clone(),
+            message: Mutex::new(Some(Message::CmdStarted {
                 cmd_id: cmd_id.clone(),
                 pid: pid.unsigned_abs(),
                 started_at: started_at.clone(),
-            },
-        );
+            })),
+        });
+        let announcer = {
+            let (live, notice) = (Arc::clone(live), Arc::clone(&notice));
+            self.runtime.spawn(async move {
+                tokio::time::sleep(STARTED_REPORT_DELAY).await;
+                // Under the lock that `exited` is set with: never after the result.
+                let control = lock(&live.control);
+                if !control.exited {
+                    notice.send();
+                }
+            })
+        };
         {
             let mut control = lock(&live.control);
             control.pid = Some(pid);
@@ -505,6 +540,7 @@ impl Shared {
                 cmd_id: cmd_id.clone(),
                 reply_to: live.reply_to.clone(),
                 replies: self.replies.clone(),
+                started: Arc::clone(&notice),
             });
             let path = spill_path(&self.settings.output_dir, &cmd_id, stream);
             StreamCapture::new(stream, limit, path, Arc::clone(counter), sink)
@@ -541,6 +577,7 @@ impl Shared {
         if let Some(timer) = timer {
             timer.abort();
         }
+        announcer.abort();
         let wall_secs = started.elapsed().as_secs_f64();
         let ended_at = now_rfc3339();
         let stop = {
@@ -1286,7 +1323,9 @@ mod tests {
         assert!(kept == expected, "the file differs from the output");
         let messages = h.messages_of("seq");
         assert!(
-            matches!(messages.as_slice(), [Message::CmdStarted { .. }]),
+            !messages
+                .iter()
+                .any(|m| matches!(m, Message::CmdOutput { .. })),
             "{messages:?}"
         );
     }

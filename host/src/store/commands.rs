@@ -371,18 +371,30 @@ impl Store {
             key: cmd_id.to_owned(),
             source,
         })?;
+        let now = millis(Utc::now());
+        // A short command may come without CMD_STARTED: its start is then the one
+        // the guest reports, kept between the command's creation and now (clocks differ).
+        let guest_started = result
+            .started_at
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map_or(now, |t| millis(t.with_timezone(&Utc)));
         self.write("store a command's result", Durability::CrashSafe, |tx| {
             let changed = tx
                 .prepare_cached(
-                    "UPDATE commands SET result = ?2, state = ?3, finished_at = ?4, error = ?5
+                    "UPDATE commands SET result = ?2, state = ?3, finished_at = ?4, error = ?5,
+                         started_at = CASE WHEN ?7 THEN coalesce(started_at,
+                             max(created_at, min(?6, ?4))) ELSE started_at END
                      WHERE cmd_id = ?1 AND result IS NULL",
                 )?
                 .execute((
                     cmd_id,
                     json,
                     final_state.as_str(),
-                    millis(Utc::now()),
+                    now,
                     &result.error,
+                    guest_started,
+                    result.started_at.is_some(),
                 ))?;
             if changed == 0 {
                 require_command(tx, cmd_id)?;
@@ -903,6 +915,56 @@ mod tests {
         assert_eq!(
             store.command("c-1").unwrap().unwrap().state,
             CommandState::Finished
+        );
+    }
+
+    #[test]
+    fn a_result_without_a_start_before_it_stamps_the_start_the_guest_reports() {
+        let (_dir, store) = temp_store();
+        let created = Utc::now() - chrono::Duration::seconds(10);
+        store
+            .insert_command(&command("c-1", "vm", created))
+            .unwrap();
+        let mut quick = result("c-1", "", 0);
+        let started = Utc::now() - chrono::Duration::seconds(3);
+        quick.started_at = Some(started.to_rfc3339());
+        assert!(store
+            .record_result("c-1", &quick, CommandState::Finished)
+            .unwrap());
+        let c = store.command("c-1").unwrap().unwrap();
+        assert_eq!(
+            c.started_at.map(|t| t.timestamp_millis()),
+            Some(started.timestamp_millis())
+        );
+
+        // A guest clock far off is kept within the command's life on the host.
+        store
+            .insert_command(&command("c-2", "vm", created))
+            .unwrap();
+        let mut skewed = result("c-2", "", 0);
+        skewed.started_at = Some("2001-01-01T00:00:00Z".into());
+        store
+            .record_result("c-2", &skewed, CommandState::Finished)
+            .unwrap();
+        let c = store.command("c-2").unwrap().unwrap();
+        assert_eq!(
+            c.started_at.map(|t| t.timestamp_millis()),
+            Some(created.timestamp_millis())
+        );
+
+        // A start the host saw (CMD_STARTED) stays.
+        store
+            .insert_command(&command("c-3", "vm", created))
+            .unwrap();
+        store
+            .set_command_state("c-3", CommandState::Running, at(5), None)
+            .unwrap();
+        store
+            .record_result("c-3", &result("c-3", "", 0), CommandState::Finished)
+            .unwrap();
+        assert_eq!(
+            store.command("c-3").unwrap().unwrap().started_at,
+            Some(at(5))
         );
     }
 
