@@ -344,7 +344,8 @@ async fn measure(
     };
     let note = format!(
         "{size}, chunk {} KiB, window {window}; includes SHA-256 on both ends (one pass \
-         over the file takes {:.0} ms here) and the guest's temp file + rename; files on disk",
+         over the file takes {:.0} ms here; an upload hashes its file before the first chunk, \
+         a download while it sends) and the guest's temp file + rename; files on disk",
         chunk >> 10,
         crate::stats::ms(hashing)
     );

@@ -78,7 +78,7 @@ Settings (TOML file given with --config, or VMC_<KEY> environment variables, whi
   beacon_interval  the guests' beacon interval in seconds: presence turns suspect after
                    3 intervals of silence and lost after 4.5 (default: 10)
   chunk_size       file transfer chunk size in bytes (default: 1 MiB)
-  window           file transfer chunks in flight (default: 32)
+  window           file transfer chunks in flight (default: 16)
   retention_days   finished commands and transfers are deleted after this many days (default: 30)
   listen           address of the XML-RPC and JSON API (default: 127.0.0.1:50505)
   max_frame_size   largest STOMP frame, bytes (default: 16 MiB)
@@ -176,7 +176,7 @@ impl RawSettings {
                 format!("{chunk_size} is not between 4 KiB and 4 MiB"),
             ));
         }
-        let window = self.window.unwrap_or(32);
+        let window = self.window.unwrap_or(16);
         if !(1..=256).contains(&window) {
             return Err(invalid(
                 "window",
