@@ -42,7 +42,7 @@ impl BrokerLink<'_> {
         let mut netdev = format!("user,id={id},restrict=on");
         if let Some((host, port)) = self.broker_forward {
             netdev.push_str(&format!(
-                ",guestfwd=tcp:{GUEST_BROKER_ADDRESS}:{}-cmd:socat - TCP:{host}:{port}",
+                ",guestfwd=tcp:{GUEST_BROKER_ADDRESS}:{}-cmd:socat - TCP:{host}:{port},,nodelay",
                 self.guest_broker_port
             ));
         }
@@ -102,7 +102,7 @@ mod tests {
         };
         assert_eq!(
             link.netdev("n0"),
-            "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:socat - TCP:127.0.0.1:5000"
+            "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:socat - TCP:127.0.0.1:5000,,nodelay"
         );
         assert_eq!(
             link.fw_cfg_values(),
