@@ -1201,7 +1201,7 @@ mod tests {
             .expect("a -netdev");
         assert_eq!(
             netdev,
-            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:socat - TCP:127.0.0.1:61613"
+            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:socat - TCP:127.0.0.1:61613,,nodelay"
         );
         assert!(
             args.contains(&"virtio-net-pci,netdev=net0,mac=52:54:00:ab:cd:ef,romfile=".to_owned())
