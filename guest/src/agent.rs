@@ -189,17 +189,23 @@ struct Agent {
     beacons: u64,
 }
 
-/// A task that flushes the spool on the blocking pool whenever notified; requests
-/// that come during a flush are served by one more flush after it.
+/// How long a result sent unflushed may wait for the host's `CMD_ACK` before the
+/// spool is flushed for it (an acknowledged result needs no flush of its own).
+const RESULT_FLUSH_DELAY: Duration = Duration::from_millis(50);
+
+/// A task that, whenever notified, waits [`RESULT_FLUSH_DELAY`] and then flushes the
+/// spool on the blocking pool if a result stored since is still unacknowledged;
+/// requests that come meanwhile are served by the same flush or one more after it.
 fn start_spool_flusher(spool: Arc<Spool>) -> Arc<Notify> {
     let requests = Arc::new(Notify::new());
     let wakeups = Arc::clone(&requests);
     tokio::spawn(async move {
         loop {
             wakeups.notified().await;
+            tokio::time::sleep(RESULT_FLUSH_DELAY).await;
             let spool = Arc::clone(&spool);
-            match tokio::task::spawn_blocking(move || spool.flush()).await {
-                Ok(Ok(())) => {}
+            match tokio::task::spawn_blocking(move || spool.flush_unacknowledged()).await {
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => log::error!("{}", error_chain(&e)),
                 Err(e) => log::error!("the spool's flush panicked: {e}"),
             }
@@ -360,9 +366,10 @@ impl Agent {
     }
 
     async fn on_finished(&mut self, reply_to: String, result: CommandResult) {
-        // The result goes out at once and reaches the disk meanwhile: a power cut
-        // before the flush leaves the command's flushed started record, so the
-        // result is then reported lost, never silently dropped.
+        // The result goes out at once and reaches the disk meanwhile unless the
+        // host acknowledges it first: a power cut before either leaves the
+        // command's flushed started record, so the result is then reported lost,
+        // never silently dropped.
         match self.spool.store_result_unflushed(&reply_to, &result) {
             Ok(()) => self.spool_flushes.notify_one(),
             // Still send it: losing durability is better than losing the result.

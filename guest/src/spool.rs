@@ -3,8 +3,8 @@
 //! A [`Spool`] is one directory holding one append-only *journal* (`journal`).
 //! Every change is one record appended to it, and flushed (`fdatasync`) before the
 //! method returns except `acked` and a result stored by
-//! [`Spool::store_result_unflushed`] (flushed by [`Spool::flush`] while the result
-//! travels): `started` when the agent accepts a `CMD_RUN`; `result` when the command
+//! [`Spool::store_result_unflushed`] (flushed by [`Spool::flush`] or
+//! [`Spool::flush_unacknowledged`] while the result travels): `started` when the agent accepts a `CMD_RUN`; `result` when the command
 //! ends, which replaces its started record and any earlier result; `acked` on the host's `CMD_ACK`, which forgets the result and
 //! remembers the id (durable with the next flushed record: lost, the result is only
 //! sent again), so that a late redelivery of an acknowledged `CMD_RUN` is not run
@@ -224,6 +224,8 @@ struct Journal {
 struct SpoolState {
     index: Index,
     journal: Journal,
+    /// Keys of results appended unflushed since the last flush.
+    unflushed: HashSet<String>,
 }
 
 /// What replaying a journal found.
@@ -302,6 +304,7 @@ impl Spool {
                 len: replayed.intact_len,
                 needs_rewrite: replayed.damaged_inside,
             },
+            unflushed: HashSet::new(),
         };
         let legacy_files = take_in_legacy_files(dir, &mut state)?;
         if state.journal.needs_rewrite || !legacy_files.is_empty() || state.compaction_due() {
@@ -400,9 +403,30 @@ impl Spool {
             result,
         };
         let (at, len) = state.append_with(&self.dir, &record, false)?;
+        state.unflushed.insert(key.clone());
         state.index.apply(Change::Result { key, seq }, at, len);
         state.compact_if_due(&self.dir);
         Ok(())
+    }
+
+    /// Flushes the spool if a result stored by [`Spool::store_result_unflushed`]
+    /// since the last flush is still unacknowledged; answers whether it flushed. A
+    /// result the host acknowledged meanwhile needs no flush of its own: the host
+    /// has it on disk.
+    pub fn flush_unacknowledged(&self) -> Result<bool, SpoolError> {
+        let pending: Vec<String> = {
+            let state = self.lock();
+            if state.unflushed.is_empty() {
+                return Ok(false);
+            }
+            state.unflushed.iter().cloned().collect()
+        };
+        self.flush()?;
+        let mut state = self.lock();
+        for key in &pending {
+            state.unflushed.remove(key);
+        }
+        Ok(true)
     }
 
     /// Flushes everything appended so far to disk. The lock is not held while the
@@ -438,6 +462,7 @@ impl Spool {
         // power cut, the result is merely sent again, and the host ignores a result
         // it already holds; the next started command's record flushes it anyway.
         let (at, len) = state.append_with(&self.dir, &RecordOut::Acked { key: &key }, false)?;
+        state.unflushed.remove(&key);
         state
             .index
             .apply(Change::Acked { key: key.clone() }, at, len);
@@ -539,6 +564,9 @@ impl SpoolState {
             return Err(io_error("append to", &dir.join(JOURNAL), source));
         }
         self.journal.len = at + line.len() as u64;
+        if sync {
+            self.unflushed.clear();
+        }
         Ok((at, line.len()))
     }
 
@@ -601,6 +629,7 @@ impl SpoolState {
             self.journal.needs_rewrite = true;
             return Err(err);
         }
+        self.unflushed.clear();
         Ok(())
     }
 
@@ -1289,6 +1318,37 @@ mod tests {
         assert_eq!(pending.len(), 51);
         assert_eq!(pending[0], (HOST.to_owned(), result("c-1", "fast\n")));
         assert!(spool.interrupted().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_unflushed_result_acknowledged_in_time_needs_no_flush_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        spool.mark_started("a", HOST).unwrap();
+        spool.mark_started("b", HOST).unwrap();
+        spool
+            .store_result_unflushed(HOST, &result("a", ""))
+            .unwrap();
+        assert!(spool.acknowledge("a").unwrap());
+        assert!(
+            !spool.flush_unacknowledged().unwrap(),
+            "acknowledged: nothing to flush"
+        );
+        spool
+            .store_result_unflushed(HOST, &result("b", ""))
+            .unwrap();
+        assert!(
+            spool.flush_unacknowledged().unwrap(),
+            "b still waits for its ack"
+        );
+        assert!(!spool.flush_unacknowledged().unwrap(), "and is flushed now");
+        // A flushed record (a start) covers the results before it.
+        spool.mark_started("c", HOST).unwrap();
+        spool
+            .store_result_unflushed(HOST, &result("c", ""))
+            .unwrap();
+        spool.mark_started("d", HOST).unwrap();
+        assert!(!spool.flush_unacknowledged().unwrap());
     }
 
     #[test]

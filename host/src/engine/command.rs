@@ -200,7 +200,7 @@ impl CommandActor {
         let cmd_id = self.cmd_id.clone();
         ctx.spawn(
             async move {
-                match flusher.flush().await {
+                match flusher.flush_soon().await {
                     Ok(()) => broker.do_send(ack),
                     Err(e) => log::error!(
                         "result of command {cmd_id} not acknowledged (the guest keeps it): {e}"

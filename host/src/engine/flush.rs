@@ -11,25 +11,54 @@
 use super::EngineError;
 use crate::store::Store;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use vmc_protocol::agent_main::error_chain;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
+/// How long a flush that is not urgent ([`Flusher::flush_soon`]) may wait for an
+/// urgent one to ride along with.
+pub const SOON: Duration = Duration::from_millis(20);
+
+enum Request {
+    /// Someone waits on it to answer a caller or send `CMD_RUN`: flush at once.
+    Now(Waiter),
+    /// Only a `CMD_ACK` waits on it: the next flush within [`SOON`] will do.
+    Soon(Waiter),
+}
+
 /// A handle on the flusher task (cheap to clone).
 #[derive(Clone, Debug)]
 pub struct Flusher {
-    requests: mpsc::UnboundedSender<Waiter>,
+    requests: mpsc::UnboundedSender<Request>,
 }
 
 impl Flusher {
     /// Starts the flusher task on the current runtime.
     pub fn start(store: Arc<Store>) -> Flusher {
-        let (requests, mut queue) = mpsc::unbounded_channel::<Waiter>();
+        let (requests, mut queue) = mpsc::unbounded_channel::<Request>();
         tokio::spawn(async move {
             while let Some(first) = queue.recv().await {
-                let mut waiters = vec![first];
-                while let Ok(more) = queue.try_recv() {
+                let mut waiters = Vec::new();
+                let mut urgent = matches!(first, Request::Now(_));
+                let (Request::Now(waiter) | Request::Soon(waiter)) = first;
+                waiters.push(waiter);
+                if !urgent {
+                    // Wait a little for an urgent flush to share.
+                    let deadline = tokio::time::Instant::now() + SOON;
+                    while !urgent {
+                        match tokio::time::timeout_at(deadline, queue.recv()).await {
+                            Ok(Some(Request::Now(waiter))) => {
+                                urgent = true;
+                                waiters.push(waiter);
+                            }
+                            Ok(Some(Request::Soon(waiter))) => waiters.push(waiter),
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                }
+                while let Ok(Request::Now(more) | Request::Soon(more)) = queue.try_recv() {
                     waiters.push(more);
                 }
                 let store = store.clone();
@@ -51,9 +80,20 @@ impl Flusher {
 
     /// Waits until everything the store committed before this call is on disk.
     pub async fn flush(&self) -> Result<(), EngineError> {
+        self.wait(Request::Now).await
+    }
+
+    /// As [`Flusher::flush`], for a write whose only waiter is an acknowledgement
+    /// to a guest: it may wait up to [`SOON`] for an urgent flush to share, so a
+    /// busy host pays one `fdatasync` for a command and the previous one's result.
+    pub async fn flush_soon(&self) -> Result<(), EngineError> {
+        self.wait(Request::Soon).await
+    }
+
+    async fn wait(&self, request: fn(Waiter) -> Request) -> Result<(), EngineError> {
         let (tx, rx) = oneshot::channel();
         self.requests
-            .send(tx)
+            .send(request(tx))
             .map_err(|_| EngineError::Internal("the store's flusher has stopped".into()))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
@@ -78,6 +118,28 @@ mod tests {
         for result in futures_util::future::join_all(waits).await {
             result.unwrap();
         }
+    }
+
+    #[actix_rt::test]
+    async fn a_flush_soon_rides_with_an_urgent_one_or_comes_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open_in(dir.path()).unwrap());
+        let flusher = Flusher::start(store);
+        // Alone, it is served within its delay (and not long after).
+        let alone = std::time::Instant::now();
+        flusher.flush_soon().await.unwrap();
+        let took = alone.elapsed();
+        assert!(took >= SOON, "{took:?}");
+        assert!(took < SOON * 50, "{took:?}");
+        // An urgent flush meanwhile serves it at once.
+        let together = std::time::Instant::now();
+        let (soon, now) = tokio::join!(flusher.flush_soon(), async {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            flusher.flush().await
+        });
+        soon.unwrap();
+        now.unwrap();
+        assert!(together.elapsed() < SOON, "{:?}", together.elapsed());
     }
 
     #[actix_rt::test]

@@ -401,7 +401,7 @@ impl Registry {
                 };
                 let flusher = self.flusher.clone();
                 actix::spawn(async move {
-                    match flusher.flush().await {
+                    match flusher.flush_soon().await {
                         Ok(()) => broker.do_send(Publish {
                             destination: queue,
                             word: Word::CmdAck { cmd_id },
