@@ -368,20 +368,7 @@ impl Spool {
     /// Stores `result` until [`Spool::acknowledge`], replacing any earlier result of
     /// the same command and its started marker.
     pub fn store_result(&self, reply_to: &str, result: &CommandResult) -> Result<(), SpoolError> {
-        let key = id_key(&result.cmd_id)?;
-        let mut state = self.lock();
-        let seq = state.index.next_seq;
-        state.write(
-            &self.dir,
-            &RecordOut::Result {
-                seq,
-                reply_to,
-                result,
-            },
-            Change::Result { key, seq },
-        )?;
-        state.compact_if_due(&self.dir);
-        Ok(())
+        self.append_result(reply_to, result, true)
     }
 
     /// As [`Spool::store_result`], but not flushed: the caller sends the result at
@@ -394,6 +381,17 @@ impl Spool {
         reply_to: &str,
         result: &CommandResult,
     ) -> Result<(), SpoolError> {
+        self.append_result(reply_to, result, false)
+    }
+
+    /// Appends a result record, flushed when `sync`; an unflushed one is remembered
+    /// until a flush covers it or the host acknowledges it.
+    fn append_result(
+        &self,
+        reply_to: &str,
+        result: &CommandResult,
+        sync: bool,
+    ) -> Result<(), SpoolError> {
         let key = id_key(&result.cmd_id)?;
         let mut state = self.lock();
         let seq = state.index.next_seq;
@@ -402,8 +400,10 @@ impl Spool {
             reply_to,
             result,
         };
-        let (at, len) = state.append_with(&self.dir, &record, false)?;
-        state.unflushed.insert(key.clone());
+        let (at, len) = state.append_with(&self.dir, &record, sync)?;
+        if !sync {
+            state.unflushed.insert(key.clone());
+        }
         state.index.apply(Change::Result { key, seq }, at, len);
         state.compact_if_due(&self.dir);
         Ok(())
