@@ -300,6 +300,7 @@ impl Agent {
             }
             Message::SayHello => self.hello().await,
             Message::CmdRun { cmd_id, spec, .. } => {
+                log::debug!("CMD_RUN {cmd_id} received");
                 let Some(reply_to) = reply_to else {
                     log::warn!("CMD_RUN {cmd_id} has no reply-to: ignored");
                     return;
@@ -360,6 +361,7 @@ impl Agent {
             self.send(&reply_to, &Message::CmdResult(result)).await;
             return;
         }
+        log::debug!("CMD_RUN {cmd_id} recorded in the spool");
         if !self.executor.run(cmd_id.clone(), spec, reply_to) {
             log::info!("CMD_RUN {cmd_id} is already queued or running");
         }
@@ -375,7 +377,9 @@ impl Agent {
             // Still send it: losing durability is better than losing the result.
             Err(e) => log::error!("cannot spool the result of {}: {e}", result.cmd_id),
         }
+        let cmd_id = result.cmd_id.clone();
         self.send(&reply_to, &Message::CmdResult(result)).await;
+        log::debug!("CMD_RESULT {cmd_id} sent");
     }
 
     async fn resend_results(&mut self) {

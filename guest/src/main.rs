@@ -32,7 +32,9 @@ fn main() -> ExitCode {
         Ok(config_file) => config_file,
         Err(code) => return code,
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     let settings = match RawSettings::load(config_file.as_deref())
         .and_then(|raw| raw.validate(&LocalSystem))
     {
