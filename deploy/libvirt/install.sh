@@ -19,7 +19,7 @@
 # restarted, running domains survive it): user and group root (no KVM group games:
 # QEMU runs TCG), dynamic_ownership = 0 (libvirt never chowns the caller's images),
 # seccomp_sandbox = 0 (libvirt's QEMU sandbox forbids the fork with which a guest's
-# only connection, the guestfwd to the broker, runs socat).
+# only connection, the guestfwd to the broker, runs `vmc-host relay`).
 #
 # Networking: nothing here defines or starts a libvirt network; an autostart link of
 # libvirt's `default` NAT network, if another package made one, is removed before

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # deploy/qemu/install.sh -- install QEMU for the vmc-host QEMU backend and its tests.
 #
-# Idempotent: when `qemu-system-x86_64 --version` already works and socat is there,
-# it does nothing. Otherwise it adds Debian's bookworm-backports suite to apt's
+# Idempotent: when `qemu-system-x86_64 --version` and `qemu-img` already work, it
+# does nothing. Otherwise it adds Debian's bookworm-backports suite to apt's
 # sources (QEMU 10 comes from there: the preinstalled qemu-utils is the backports
 # build and conflicts with bookworm's own QEMU 7.2), then installs, without
 # recommends: qemu-system-x86 (the emulator), qemu-system-data (its ROMs and
 # keymaps), seabios + ipxe-qemu (the PC firmware and the virtio-net option ROM),
-# qemu-utils (qemu-img, qemu-io), and socat (the guest's forward to the broker).
+# and qemu-utils (qemu-img, qemu-io). The guest's forward to the broker is run by
+# QEMU as `vmc-host relay`: nothing else is needed for it.
 # Needs root and the Debian mirrors; concurrent runs are serialised with a lock.
 set -euo pipefail
 
@@ -19,8 +20,7 @@ die() {
 
 works() {
     qemu-system-x86_64 --version >/dev/null 2>&1 &&
-        qemu-img --version >/dev/null 2>&1 &&
-        command -v socat >/dev/null 2>&1
+        qemu-img --version >/dev/null 2>&1
 }
 
 if works; then
@@ -58,6 +58,6 @@ apt-get update -qq || log "warning: apt-get update reported errors"
 log "installing qemu-system-x86 from bookworm-backports"
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     -t bookworm-backports \
-    qemu-system-x86 qemu-system-data qemu-utils seabios ipxe-qemu socat
+    qemu-system-x86 qemu-system-data qemu-utils seabios ipxe-qemu
 works || die "qemu-system-x86_64 still does not run after the install"
 log "installed $(qemu-system-x86_64 --version | head -n1) in $(($(date +%s) - start)) s"

@@ -227,6 +227,7 @@ impl RawSettings {
                 }
                 qemu.accel = accel;
                 qemu.broker_forward = Some((address.host.clone(), address.port));
+                qemu.broker_relay = this_program();
                 // The guests must use this agent's destinations and beacon interval.
                 qemu.guest_prefix = Some(prefix.to_owned());
                 qemu.guest_beacon_interval = Some(Duration::from_secs_f64(beacon));
@@ -243,6 +244,7 @@ impl RawSettings {
                     libvirt.qemu_img_binary = binary;
                 }
                 libvirt.broker_forward = Some((address.host.clone(), address.port));
+                libvirt.broker_relay = this_program();
                 libvirt.guest_prefix = Some(prefix.to_owned());
                 libvirt.guest_beacon_interval = Some(Duration::from_secs_f64(beacon));
                 Arc::new(Libvirt::new(libvirt).map_err(SettingsError::Libvirt)?)
@@ -282,6 +284,20 @@ impl RawSettings {
             retention: Duration::from_secs_f64(retention_days * 86_400.0),
             listen,
         })
+    }
+}
+
+/// This program's path, which QEMU runs as the relay of each guest connection to the
+/// broker (`vmc-host relay`); `vmc-host` on `PATH` when the system cannot tell. A
+/// binary replaced on disk since it started (an upgrade) reads as `<path> (deleted)`
+/// on Linux: the path is what counts, and it holds the new version.
+fn this_program() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(path) => match path.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+            Some(replaced) => PathBuf::from(replaced),
+            None => path,
+        },
+        Err(_) => PathBuf::from("vmc-host"),
     }
 }
 

@@ -54,6 +54,7 @@ impl Lab {
         let dir = tempfile::tempdir().expect("tempdir");
         let prefix = format!("vmctest-{}-{test}-", std::process::id());
         let mut settings = LibvirtSettings::new(dir.path().join("state"), prefix);
+        settings.broker_relay = env!("CARGO_BIN_EXE_vmc-host").into();
         adjust(&mut settings);
         let started = Instant::now();
         let libvirt = Libvirt::new(settings.clone()).unwrap_or_else(|e| {

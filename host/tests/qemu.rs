@@ -40,6 +40,7 @@ impl Lab {
         let slot = Slot::take();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut settings = QemuSettings::new(dir.path().join("state"));
+        settings.broker_relay = env!("CARGO_BIN_EXE_vmc-host").into();
         adjust(&mut settings);
         let started = Instant::now();
         let qemu = Qemu::new(settings.clone()).expect("the QEMU backend sets up");

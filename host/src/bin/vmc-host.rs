@@ -15,6 +15,8 @@ guest agents through a STOMP broker.
 
 Usage: vmc-host [--config FILE]
        vmc-host --version | --help
+       vmc-host relay HOST:PORT   (run by QEMU: relays a guest's connection on
+                                   stdin/stdout to the broker at HOST:PORT)
 
 Options:
   -c, --config FILE   read settings from this TOML file
@@ -25,6 +27,12 @@ Logging: RUST_LOG=debug|info|warn|error (default info).
 ";
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [command, target] = args.as_slice() {
+        if command == "relay" {
+            return vmc_host::hypervisor::qemu::relay::run(target);
+        }
+    }
     let version = format!(
         "vmc-host {} (protocol {})",
         vmc_host::VERSION,

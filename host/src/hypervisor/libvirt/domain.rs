@@ -149,7 +149,7 @@ mod tests {
                 "console=ttyS0 a=\"b\"".into(),
             )),
             fw_cfg: vec![("opt/vmc/broker".into(), "/d/fw_cfg/broker".into())],
-            netdev: format!("user,id={NETDEV_ID},restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:socat - TCP:127.0.0.1:61613,,nodelay"),
+            netdev: format!("user,id={NETDEV_ID},restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:/usr/bin/vmc-host relay 127.0.0.1:61613"),
             mac: "52:54:00:ab:cd:ef".into(),
         }
     }
@@ -169,7 +169,7 @@ mod tests {
         let xml = config().to_xml();
         assert!(xml.contains("<domain type='qemu'"));
         assert!(xml.contains(
-            "<qemu:arg value='user,id=vmcnet0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:socat - TCP:127.0.0.1:61613,,nodelay'/>"
+            "<qemu:arg value='user,id=vmcnet0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:/usr/bin/vmc-host relay 127.0.0.1:61613'/>"
         ));
         assert!(xml.contains(
             "<qemu:arg value='virtio-net-pci,netdev=vmcnet0,mac=52:54:00:ab:cd:ef,romfile=,bus=pci.0,addr=0x1e'/>"

@@ -78,6 +78,10 @@ pub struct LibvirtSettings {
     /// only forward; `None`: the guest reaches nothing at all. Fixed in a VM's
     /// domain when it is created.
     pub broker_forward: Option<(String, u16)>,
+    /// The program QEMU runs, as `<program> relay <host>:<port>`, for each connection
+    /// a guest opens to the broker: this `vmc-host` (found on `PATH` by default).
+    /// Fixed in a VM's domain when it is created.
+    pub broker_relay: PathBuf,
     /// The port the guest connects to at
     /// [`GUEST_BROKER_ADDRESS`](broker_link::GUEST_BROKER_ADDRESS).
     pub guest_broker_port: u16,
@@ -103,6 +107,7 @@ impl LibvirtSettings {
             virsh_binary: "virsh".into(),
             qemu_img_binary: "qemu-img".into(),
             broker_forward: Some(("127.0.0.1".into(), 61613)),
+            broker_relay: "vmc-host".into(),
             guest_broker_port: 61613,
             guest_prefix: None,
             guest_beacon_interval: None,
@@ -453,6 +458,7 @@ impl Libvirt {
     fn broker_link(&self) -> BrokerLink<'_> {
         BrokerLink {
             broker_forward: self.settings.broker_forward.as_ref(),
+            relay: &self.settings.broker_relay,
             guest_broker_port: self.settings.guest_broker_port,
             guest_prefix: self.settings.guest_prefix.as_deref(),
             guest_beacon_interval: self.settings.guest_beacon_interval,

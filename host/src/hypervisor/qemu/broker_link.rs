@@ -3,7 +3,7 @@
 //!
 //! The NIC is on QEMU user networking with `restrict=on`, so the guest reaches
 //! nothing at all, except a `guestfwd` from [`GUEST_BROKER_ADDRESS`]`:<port>` that
-//! runs `socat` to the broker on the host for each connection. The guest agent
+//! runs `vmc-host relay <broker>` ([`super::relay`]) for each connection. The guest agent
 //! reads that address, and the destination prefix and beacon interval it must use,
 //! from fw_cfg strings ([`FW_CFG_BROKER`], [`FW_CFG_PREFIX`],
 //! [`FW_CFG_BEACON_INTERVAL`]). [`BrokerLink`] renders both from a backend's
@@ -11,6 +11,7 @@
 //! XML and files). What it does not do: bridged networking, or check the prefix
 //! (only the QEMU backend, which puts it on a command line, has to).
 
+use std::path::Path;
 use std::time::Duration;
 
 /// The address a guest reaches the broker at (user networking's guestfwd).
@@ -29,6 +30,8 @@ pub struct BrokerLink<'a> {
     /// The broker as seen from the host (`host`, `port`); `None`: the guest
     /// reaches nothing at all.
     pub broker_forward: Option<&'a (String, u16)>,
+    /// The `vmc-host` binary QEMU runs as the relay of each guest connection.
+    pub relay: &'a Path,
     /// The port the guest connects to at [`GUEST_BROKER_ADDRESS`].
     pub guest_broker_port: u16,
     pub guest_prefix: Option<&'a str>,
@@ -41,8 +44,11 @@ impl BrokerLink<'_> {
     pub fn netdev(&self, id: &str) -> String {
         let mut netdev = format!("user,id={id},restrict=on");
         if let Some((host, port)) = self.broker_forward {
+            // QEMU splits its options at commas (`,,` is a literal one); the command
+            // is then split like a shell would (GLib's g_shell_parse_argv).
+            let relay = shell_quoted(&self.relay.to_string_lossy()).replace(',', ",,");
             netdev.push_str(&format!(
-                ",guestfwd=tcp:{GUEST_BROKER_ADDRESS}:{}-cmd:socat - TCP:{host}:{port},,nodelay",
+                ",guestfwd=tcp:{GUEST_BROKER_ADDRESS}:{}-cmd:{relay} relay {host}:{port}",
                 self.guest_broker_port
             ));
         }
@@ -66,6 +72,17 @@ impl BrokerLink<'_> {
             values.push((FW_CFG_BEACON_INTERVAL, interval.as_secs_f64().to_string()));
         }
         values
+    }
+}
+
+/// `word` as one shell word: as it is when it holds only characters no shell treats
+/// specially, otherwise in single quotes.
+fn shell_quoted(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+=:@%,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
     }
 }
 
@@ -96,13 +113,14 @@ mod tests {
         let forward = ("127.0.0.1".to_owned(), 5000);
         let mut link = BrokerLink {
             broker_forward: Some(&forward),
+            relay: Path::new("/usr/bin/vmc-host"),
             guest_broker_port: 61613,
             guest_prefix: Some("a,b"),
             guest_beacon_interval: Some(Duration::from_millis(1500)),
         };
         assert_eq!(
             link.netdev("n0"),
-            "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:socat - TCP:127.0.0.1:5000,,nodelay"
+            "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:/usr/bin/vmc-host relay 127.0.0.1:5000"
         );
         assert_eq!(
             link.fw_cfg_values(),
@@ -112,8 +130,18 @@ mod tests {
                 (FW_CFG_BEACON_INTERVAL, "1.5".to_owned()),
             ]
         );
+        link.relay = Path::new("/opt/my vmc,1/vmc-host");
+        assert_eq!(
+            link.netdev("n0"),
+            "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:'/opt/my vmc,,1/vmc-host' relay 127.0.0.1:5000"
+        );
+        link.relay = Path::new("/opt/it's/vmc-host");
+        assert!(link
+            .netdev("n0")
+            .ends_with(r"-cmd:'/opt/it'\''s/vmc-host' relay 127.0.0.1:5000"));
         link = BrokerLink {
             broker_forward: None,
+            relay: Path::new("vmc-host"),
             guest_broker_port: 61613,
             guest_prefix: None,
             guest_beacon_interval: None,

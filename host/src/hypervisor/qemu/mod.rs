@@ -41,6 +41,7 @@ pub mod image;
 pub mod process;
 pub mod provision;
 pub mod qmp;
+pub mod relay;
 pub mod vmdir;
 
 use std::fs;
@@ -86,6 +87,9 @@ pub struct QemuSettings {
     /// The broker as seen from the host (`host`, `port`), the target of the guest's
     /// only forward; `None`: the guest reaches nothing at all.
     pub broker_forward: Option<(String, u16)>,
+    /// The program QEMU runs, as `<program> relay <host>:<port>`, for each connection
+    /// a guest opens to the broker: this `vmc-host` (found on `PATH` by default).
+    pub broker_relay: PathBuf,
     /// The port the guest connects to at [`GUEST_BROKER_ADDRESS`].
     pub guest_broker_port: u16,
     /// The destination prefix handed to the guest (fw_cfg [`FW_CFG_PREFIX`]): the
@@ -117,6 +121,7 @@ impl QemuSettings {
             qemu_img_binary: "qemu-img".into(),
             accel: AccelMode::Auto,
             broker_forward: Some(("127.0.0.1".into(), 61613)),
+            broker_relay: "vmc-host".into(),
             guest_broker_port: 61613,
             guest_prefix: None,
             guest_beacon_interval: None,
@@ -514,6 +519,7 @@ impl Qemu {
     fn broker_link(&self) -> BrokerLink<'_> {
         BrokerLink {
             broker_forward: self.settings.broker_forward.as_ref(),
+            relay: &self.settings.broker_relay,
             guest_broker_port: self.settings.guest_broker_port,
             guest_prefix: self.settings.guest_prefix.as_deref(),
             guest_beacon_interval: self.settings.guest_beacon_interval,
@@ -1201,7 +1207,7 @@ mod tests {
             .expect("a -netdev");
         assert_eq!(
             netdev,
-            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:socat - TCP:127.0.0.1:61613,,nodelay"
+            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:61613-cmd:vmc-host relay 127.0.0.1:61613"
         );
         assert!(
             args.contains(&"virtio-net-pci,netdev=net0,mac=52:54:00:ab:cd:ef,romfile=".to_owned())
