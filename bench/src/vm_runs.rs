@@ -7,7 +7,8 @@
 //! A real `vmc-host` (QEMU backend, its own state directory, destination prefix and
 //! loopback port, beacon interval 1 s, as `tests/vm/run.sh` starts one) creates and
 //! starts one VM from it through the JSON API and waits for its guest to be
-//! `alive`. Then, sequentially: `POST /api/v1/vms/{vm}/commands {"cmd": "true"}`
+//! `alive`. Then, sequentially: `POST /api/v1/vms/{vm}/commands {"cmd": "/bin/true"}`
+//! (the peer's program, named the same way: no `PATH` search on either side)
 //! and `GET /api/v1/commands/{id}/result?wait=30` (the host answers the second as
 //! soon as the result is in: no polling), timed until the result is read; and over
 //! the VM's `qga.sock` (the host end of the virtio-serial port
@@ -163,7 +164,7 @@ fn scenario(
     let qga_p99 =
         Row::new(ROUND_TRIP, SUBJECT_QGA, "p99", "ms", &peer.1).note(qga_p50.note.clone());
     let vmc_note = format!(
-        "POST /api/v1/vms/{{vm}}/commands {{\"cmd\": \"true\"}} + GET .../result?wait=30, one \
+        "POST /api/v1/vms/{{vm}}/commands {{\"cmd\": \"/bin/true\"}} + GET .../result?wait=30, one \
          keep-alive connection, RabbitMQ; {vm_note}"
     );
     let mut rows = vec![
@@ -376,13 +377,13 @@ fn wait_for(
     }
 }
 
-/// One `runCmd(vm, "true")` through the JSON API until its result is read.
+/// One `runCmd(vm, "/bin/true")` through the JSON API until its result is read.
 fn vmc_call(api: &mut JsonApi) -> Result<Duration, BenchError> {
     let start = Instant::now();
     let (status, command) = api.json(
         "POST",
         &format!("/api/v1/vms/{VM}/commands"),
-        Some(json!({"cmd": "true"})),
+        Some(json!({"cmd": "/bin/true"})),
     )?;
     expect(status, 202, "runCmd", &command)?;
     let id = command["cmdId"]

@@ -405,6 +405,31 @@ class RealVms(unittest.TestCase):
         self.assertNotIn(VM, self.vmc.listVMs())
         self.assertFalse(os.path.exists(vm_dir(VM)), "removeVM cleans the VM's files")
 
+    def test_10_a_name_whose_mac_is_taken_is_refused_cleanly(self):
+        # A VM's MAC is 52:54:00 and three bytes of its name's SHA-256, so two of a
+        # few thousand names share one: find such a pair among this run's names.
+        seen = {}
+        for i in range(1_000_000):
+            name = f"{TAG}-m{i}"
+            key = hashlib.sha256(name.encode()).digest()[:3]
+            if key in seen:
+                first, second = seen[key], name
+                break
+            seen[key] = name
+        view = self.vmc.createVM(first, IMAGE)
+        try:
+            with self.assertRaises(xmlrpc.client.Fault) as refused:
+                self.vmc.createVM(second, IMAGE)
+            self.assertEqual(refused.exception.faultCode, 10, refused.exception.faultString)
+            self.assertIn(first, refused.exception.faultString)
+            self.assertIn(view["id"], refused.exception.faultString)
+            self.assertNotIn(second, self.vmc.listVMs())
+            wait_until(f"{second}'s files to go", lambda: not os.path.exists(vm_dir(second)),
+                       patience=10)
+            self.assertEqual(self.vmc.getVMInfo(first)["state"], "PoweredOff")
+        finally:
+            self.vmc.removeVM(first)
+
 
 if __name__ == "__main__":
     unittest.main()

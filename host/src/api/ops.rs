@@ -85,7 +85,7 @@ impl ApiError {
             ApiError::Staging { .. } => FaultCode::Internal,
             ApiError::Engine(e) => match e {
                 EngineError::UnknownVm(_) => FaultCode::UnknownVm,
-                EngineError::VmExists(_) => FaultCode::VmExists,
+                EngineError::VmExists(_) | EngineError::GuestIdTaken { .. } => FaultCode::VmExists,
                 EngineError::UnknownCommand(_) => FaultCode::UnknownCommand,
                 EngineError::UnknownTransfer(_) => FaultCode::UnknownTransfer,
                 EngineError::BadArgument(_) => FaultCode::BadArgument,

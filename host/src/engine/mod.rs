@@ -40,6 +40,15 @@ pub enum EngineError {
     UnknownVm(String),
     #[error("a VM named {0:?} already exists")]
     VmExists(String),
+    #[error(
+        "VM {vm:?} would have the guest id (MAC) {id} of VM {holder:?}: give it another \
+         name or an explicit mac, or remove {holder:?}"
+    )]
+    GuestIdTaken {
+        vm: String,
+        id: String,
+        holder: String,
+    },
     #[error("there is no command with id {0:?}")]
     UnknownCommand(String),
     #[error("there is no transfer with id {0:?}")]

@@ -20,10 +20,10 @@ use super::vm::{self, LifecycleOp, VmActor};
 use super::{new_id, EngineConfig, EngineError, EngineStatus, EventSender, FanoutView, VmView};
 use crate::hypervisor::foreign::Foreign;
 use crate::hypervisor::unmanaged::{self, Unmanaged};
-use crate::hypervisor::{Hypervisor, SnapshotInfo, VmSpec, VmState};
+use crate::hypervisor::{Hypervisor, SnapshotInfo, VmDefinition, VmSpec, VmState};
 use crate::store::{
-    CommandQuery, CommandRecord, CommandState, Store, TransferDirection, TransferRecord,
-    TransferState, VmRecord,
+    CommandQuery, CommandRecord, CommandState, Store, StoreError, TransferDirection,
+    TransferRecord, TransferState, VmRecord,
 };
 use actix::prelude::*;
 use chrono::Utc;
@@ -250,6 +250,19 @@ impl Registry {
             record.state = CommandState::Failed;
             record.error = Some(why);
         }
+    }
+
+    /// Removes, in the background, a VM the backend created but the store refused.
+    fn discard_created(&self, definition: VmDefinition) {
+        let hypervisor = self.config.hypervisor.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = hypervisor.remove(&definition) {
+                log::warn!(
+                    "cannot remove what was made for VM {:?}, which was not created: {e}",
+                    definition.spec.name
+                );
+            }
+        });
     }
 
     /// The VM of an unmanaged guest seen for the first time.
@@ -553,7 +566,18 @@ impl Handler<CreateVm> for Registry {
             let outcome = (|| {
                 let definition = created.map_err(|e| EngineError::Internal(e.to_string()))??;
                 let record = VmRecord::from_definition(&definition, Utc::now());
-                act.store.put_vm(&record)?;
+                if let Err(e) = act.store.put_vm(&record) {
+                    // Not recorded, so not kept: what the backend made goes again.
+                    act.discard_created(definition);
+                    return Err(match e {
+                        StoreError::GuestIdTaken { id, vm: holder } => EngineError::GuestIdTaken {
+                            vm: name,
+                            id,
+                            holder,
+                        },
+                        other => other.into(),
+                    });
+                }
                 act.start_vm_actor(&record, ctx);
                 act.view(&name)
             })();
