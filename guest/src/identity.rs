@@ -122,6 +122,7 @@ pub fn guest_info(settings: &Settings) -> GuestInfo {
             "file-put",
             "file-get",
             "resume",
+            vmc_protocol::words::DIGEST_AT_END,
         ]
         .map(str::to_owned)
         .to_vec(),

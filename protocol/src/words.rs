@@ -672,8 +672,11 @@ pub struct FileOffer {
     /// Where to write it on the guest.
     pub path: String,
     pub size: u64,
-    /// SHA-256 of the whole file, lowercase hex.
-    pub sha256: String,
+    /// SHA-256 of the whole file, lowercase hex. Absent when the host gives it only
+    /// in `FILE_END` (hashing while it sends), which it does to guests that list
+    /// [`DIGEST_AT_END`] among their capabilities; older guests need it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     /// Unix permission bits for the new file; the guest's default when absent.
     #[serde(default)]
     pub mode: Option<u32>,
@@ -760,6 +763,10 @@ impl fmt::Display for FileErrorCode {
         f.write_str(self.as_str())
     }
 }
+
+/// The capability (in `HELLO`) of a guest that accepts a `FILE_PUT` without
+/// `sha256` and checks the file against the digest in `FILE_END` alone.
+pub const DIGEST_AT_END: &str = "file-put-digest-at-end";
 
 /// Whether `s` is a SHA-256 digest as this protocol writes it: 64 lowercase hex digits.
 pub fn is_sha256_hex(s: &str) -> bool {
@@ -1770,7 +1777,7 @@ mod tests {
                     offer: FileOffer {
                         path: "/tmp/input.dat".into(),
                         size: 4,
-                        sha256: SHA.into(),
+                        sha256: Some(SHA.into()),
                         mode: Some(0o644),
                         chunk_size: DEFAULT_FILE_CHUNK_SIZE,
                         window: DEFAULT_FILE_WINDOW,
@@ -2978,7 +2985,7 @@ mod tests {
                 id_text(),
                 any_text(),
                 any::<u64>(),
-                any_text(),
+                prop::option::of(any_text()),
                 prop::option::of(any::<u32>()),
                 any::<u32>(),
                 any::<u32>()

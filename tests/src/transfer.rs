@@ -82,7 +82,7 @@ impl Upload {
             offer: FileOffer {
                 path: remote.to_owned(),
                 size,
-                sha256: sha256_file(local),
+                sha256: Some(sha256_file(local)),
                 mode: Some(0o640),
                 chunk_size,
                 window,
@@ -169,7 +169,7 @@ impl Upload {
         let end = Message::FileEnd {
             transfer_id: self.transfer_id.clone(),
             size: self.offer.size,
-            sha256: self.offer.sha256.clone(),
+            sha256: self.offer.sha256.clone().unwrap_or_default(),
         };
         host.send_to(&self.guest, &end).await;
         let id = self.transfer_id.clone();

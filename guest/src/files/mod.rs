@@ -530,7 +530,12 @@ impl Request {
 
 /// Whether two offers bring the same file to the same place.
 fn same_file(a: &FileOffer, b: &FileOffer) -> bool {
-    a.path == b.path && a.size == b.size && a.sha256.eq_ignore_ascii_case(&b.sha256)
+    let same_digest = match (&a.sha256, &b.sha256) {
+        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+        (None, None) => true,
+        _ => false,
+    };
+    a.path == b.path && a.size == b.size && same_digest
 }
 
 /// Lets the task of an earlier attempt at the same transfer finish first.
@@ -671,7 +676,7 @@ mod tests {
         FileOffer {
             path: path.display().to_string(),
             size: data.len() as u64,
-            sha256: sha256_hex(data),
+            sha256: Some(sha256_hex(data)),
             mode,
             chunk_size: CHUNK,
             window: 4,
@@ -835,6 +840,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_put_offered_without_a_digest_is_checked_against_file_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut transfers, mut replies) = guest(dir.path());
+        let data = random_bytes(2 * MIB, 7);
+        let path = dir.path().join("streamed.bin");
+        let mut streamed = offer(&path, &data, None);
+        streamed.sha256 = None;
+
+        transfers
+            .handle(put("t-1", streamed.clone()), Some(HOST.into()))
+            .await;
+        assert_eq!(reply(&mut replies).await, ready("t-1", 0));
+        send_chunks(&mut transfers, &mut replies, "t-1", &data, 0, data.len(), 4).await;
+        end(&mut transfers, "t-1", &data).await;
+        assert_eq!(
+            reply(&mut replies).await,
+            done("t-1", &data),
+            "FILE_DONE carries the digest of what arrived"
+        );
+        assert!(
+            fs::read(&path).unwrap() == data,
+            "the file is byte-identical"
+        );
+
+        // The same, ended with a digest that is not the file's: refused, no file.
+        let other = dir.path().join("refused.bin");
+        let mut streamed = offer(&other, &data, None);
+        streamed.sha256 = None;
+        transfers
+            .handle(put("t-2", streamed), Some(HOST.into()))
+            .await;
+        assert_eq!(reply(&mut replies).await, ready("t-2", 0));
+        send_chunks(&mut transfers, &mut replies, "t-2", &data, 0, data.len(), 4).await;
+        let message = Message::FileEnd {
+            transfer_id: "t-2".into(),
+            size: data.len() as u64,
+            sha256: sha256_hex(b"not these bytes"),
+        };
+        transfers.handle(message, None).await;
+        let (code, _) = error(&mut replies, "t-2").await;
+        assert_eq!(code, FileErrorCode::ChecksumMismatch);
+        assert!(!other.exists(), "a refused file is not put in place");
+        wait_until("the transfers are over", || transfers.active() == 0).await;
+        assert_eq!(
+            names(dir.path()),
+            vec!["streamed.bin"],
+            "no partial file is left"
+        );
+    }
+
+    #[tokio::test]
     async fn a_put_replaces_an_existing_file_and_keeps_its_mode() {
         let dir = tempfile::tempdir().unwrap();
         let (mut transfers, mut replies) = guest(dir.path());
@@ -900,7 +956,7 @@ mod tests {
         let data = random_bytes(MIB, 2);
         let path = dir.path().join("data.bin");
         let mut wrong = offer(&path, &data, None);
-        wrong.sha256 = sha256_hex(b"something else");
+        wrong.sha256 = Some(sha256_hex(b"something else"));
 
         transfers
             .handle(put("t-1", wrong.clone()), Some(HOST.into()))
@@ -910,7 +966,7 @@ mod tests {
         let message = Message::FileEnd {
             transfer_id: "t-1".into(),
             size: wrong.size,
-            sha256: wrong.sha256.clone(),
+            sha256: wrong.sha256.clone().unwrap_or_default(),
         };
         transfers.handle(message, None).await;
         let (code, message) = error(&mut replies, "t-1").await;

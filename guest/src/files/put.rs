@@ -105,7 +105,7 @@ pub(super) async fn run(
             },
             Input::End { size, sha256 } => {
                 match receiver.finish(size, &sha256).await {
-                    Ok(()) => {
+                    Ok(digest) => {
                         log::info!(
                             "transfer {transfer_id}: {} is in place",
                             receiver.target.path.display()
@@ -115,7 +115,7 @@ pub(super) async fn run(
                             Message::FileDone {
                                 transfer_id,
                                 size: receiver.offer.size,
-                                sha256: receiver.offer.sha256,
+                                sha256: digest,
                             },
                         );
                     }
@@ -187,12 +187,14 @@ impl Receiver {
         mut offer: FileOffer,
     ) -> Result<Receiver, TransferError> {
         check_pacing(&offer.path, offer.chunk_size, offer.window)?;
-        offer.sha256.make_ascii_lowercase();
-        if !is_sha256_hex(&offer.sha256) {
-            return Err(TransferError::Protocol {
-                path: offer.path,
-                reason: format!("{:?} is not a SHA-256 digest in hex", offer.sha256),
-            });
+        if let Some(sha256) = &mut offer.sha256 {
+            sha256.make_ascii_lowercase();
+            if !is_sha256_hex(sha256) {
+                return Err(TransferError::Protocol {
+                    path: offer.path,
+                    reason: format!("{sha256:?} is not a SHA-256 digest in hex"),
+                });
+            }
         }
         if offer.size > context.max_file_size {
             return Err(TransferError::TooLarge {
@@ -270,8 +272,9 @@ impl Receiver {
         Ok(end)
     }
 
-    /// Checks size and digest, then puts the file in place.
-    async fn finish(&mut self, size: u64, sha256: &str) -> Result<(), TransferError> {
+    /// Checks size and digest (against `FILE_END`'s, and the offer's if it had one),
+    /// then puts the file in place; returns the digest.
+    async fn finish(&mut self, size: u64, sha256: &str) -> Result<String, TransferError> {
         if size != self.offer.size || self.written != size {
             return Err(self.protocol(format!(
                 "FILE_END announces {size} bytes; {} of the {} offered were received",
@@ -282,8 +285,8 @@ impl Receiver {
             return Err(self.protocol("a second FILE_END".to_owned()));
         };
         let actual = digest.finish(&self.partial).await?;
-        let offered = self.offer.sha256.clone();
         let ended = sha256.to_ascii_lowercase();
+        let offered = self.offer.sha256.clone().unwrap_or_else(|| ended.clone());
         let mode = self.offer.mode.or(self.target.existing_mode);
         let partial = self.partial.clone();
         let (target, dir) = (self.target.path.clone(), self.target.dir.clone());
@@ -313,7 +316,7 @@ impl Receiver {
             if let Err(err) = File::open(&dir).and_then(|dir| dir.sync_all()) {
                 log::warn!("cannot flush the directory {}: {err}", dir.display());
             }
-            Ok(())
+            Ok(actual)
         })
         .await
     }

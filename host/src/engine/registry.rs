@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 use vmc_protocol::glob::glob_match;
 use vmc_protocol::identity::GuestId;
-use vmc_protocol::words::{CommandSpec, Envelope, FileErrorCode, Message as Word};
+use vmc_protocol::words::{CommandSpec, Envelope, FileErrorCode, Message as Word, DIGEST_AT_END};
 
 /// How often a guest whose HELLO is missing is asked for one.
 const ASK_HELLO_EVERY: Duration = Duration::from_secs(60);
@@ -1043,6 +1043,14 @@ impl Handler<StartTransfer> for Registry {
         };
         let local = msg.local.clone();
         let to_guest = msg.to_guest;
+        // A guest that takes the digest in FILE_END gets the file hashed while it
+        // is sent, not read twice with a wait before the first chunk.
+        let digest_at_end = self.views.get(&msg.vm).is_some_and(|view| {
+            view.borrow()
+                .guest
+                .as_ref()
+                .is_some_and(|guest| guest.capabilities.iter().any(|c| c == DIGEST_AT_END))
+        });
         let digest = async move {
             if !to_guest {
                 let parent_ok = local.parent().is_some_and(|p| p.is_dir());
@@ -1055,14 +1063,26 @@ impl Handler<StartTransfer> for Registry {
                     )))
                 };
             }
+            let unreadable = |e: std::io::Error| {
+                EngineError::BadArgument(format!("cannot read {}: {e}", local.display()))
+            };
+            let meta = std::fs::metadata(&local).map_err(unreadable)?;
+            if !meta.is_file() {
+                return Err(EngineError::BadArgument(format!(
+                    "{} is not a regular file",
+                    local.display()
+                )));
+            }
+            if digest_at_end && meta.len() > 0 {
+                std::fs::File::open(&local).map_err(unreadable)?;
+                return Ok(Some((meta.len(), None)));
+            }
             let path = local.clone();
-            let digest = tokio::task::spawn_blocking(move || transfer::sha256_file(&path))
+            let (size, sha256) = tokio::task::spawn_blocking(move || transfer::sha256_file(&path))
                 .await
                 .map_err(|e| EngineError::Internal(e.to_string()))?
-                .map_err(|e| {
-                    EngineError::BadArgument(format!("cannot read {}: {e}", local.display()))
-                })?;
-            Ok(Some(digest))
+                .map_err(unreadable)?;
+            Ok(Some((size, Some(sha256))))
         };
         Box::pin(digest.into_actor(self).map(move |digest, act, _| {
             let digest = digest?;

@@ -266,6 +266,44 @@ struct ChunkRead {
     offset: u64,
     epoch: u64,
     data: Result<Bytes, String>,
+    /// With the chunk that completes the file, when the reader hashes it: the
+    /// file's SHA-256, for `FILE_END`.
+    digest: Option<String>,
+}
+
+/// What an upload's reader hashes as it reads, when the offer went without a
+/// digest: every byte once, in order (chunks sent again after a rewind are not
+/// hashed again), and the file's size and modification time when it was opened.
+struct Hashing {
+    hasher: Sha256,
+    hashed: u64,
+    size: u64,
+    opened: Option<std::fs::Metadata>,
+}
+
+impl Hashing {
+    /// Takes in a chunk read at `offset`; once the whole file is in, its digest,
+    /// or why it cannot be trusted (the file changed while it was being sent).
+    fn take(&mut self, offset: u64, data: &[u8], file: &File) -> Result<Option<String>, String> {
+        if offset != self.hashed || data.is_empty() {
+            return Ok(None);
+        }
+        self.hasher.update(data);
+        self.hashed += data.len() as u64;
+        if self.hashed < self.size {
+            return Ok(None);
+        }
+        let now = file.metadata().ok();
+        let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+            a.len() == b.len() && a.modified().ok() == b.modified().ok()
+        };
+        match (&self.opened, &now) {
+            (Some(before), Some(after)) if same(before, after) => {
+                Ok(Some(hex(std::mem::take(&mut self.hasher))))
+            }
+            _ => Err("the file changed while it was being sent".to_owned()),
+        }
+    }
 }
 
 /// An upload's reader: a task on the blocking pool that reads the chunks asked
@@ -277,11 +315,20 @@ struct DiskReader {
 }
 
 impl DiskReader {
-    fn start(local: PathBuf, report: Recipient<ChunkRead>) -> DiskReader {
+    /// A reader of `local`; with `hash_size`, it also hashes the file (of that
+    /// size) as it reads and hands the digest back with the last chunk.
+    fn start(local: PathBuf, hash_size: Option<u64>, report: Recipient<ChunkRead>) -> DiskReader {
         let (work, mut queue) = mpsc::unbounded_channel::<ReadWork>();
         tokio::task::spawn_blocking(move || {
             let file = File::open(&local);
+            let mut hashing = hash_size.map(|size| Hashing {
+                hasher: Sha256::new(),
+                hashed: 0,
+                size,
+                opened: file.as_ref().ok().and_then(|f| f.metadata().ok()),
+            });
             while let Some(ReadWork { offset, len, epoch }) = queue.blocking_recv() {
+                let mut digest = None;
                 let data = file
                     .as_ref()
                     .map_err(|e| format!("cannot read {}: {e}", local.display()))
@@ -289,13 +336,19 @@ impl DiskReader {
                         // A chunk is at most MAX_FILE_CHUNK_SIZE bytes, so it fits.
                         let mut data = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
                         file.read_exact_at(&mut data, offset)
-                            .map(|()| Bytes::from(data))
-                            .map_err(|e| format!("cannot read {}: {e}", local.display()))
+                            .map_err(|e| format!("cannot read {}: {e}", local.display()))?;
+                        if let Some(hashing) = &mut hashing {
+                            digest = hashing
+                                .take(offset, &data, file)
+                                .map_err(|why| format!("cannot send {}: {why}", local.display()))?;
+                        }
+                        Ok(Bytes::from(data))
                     });
                 report.do_send(ChunkRead {
                     offset,
                     epoch,
                     data,
+                    digest,
                 });
             }
         });
@@ -315,7 +368,12 @@ enum Direction {
         /// Started with the first chunk to send.
         reader: Option<DiskReader>,
         size: u64,
-        sha256: String,
+        /// The digest `FILE_PUT` offers: computed before the transfer for a guest
+        /// that needs it there, else none.
+        offered: Option<String>,
+        /// The digest `FILE_END` gives: the offered one, or the reader's once it
+        /// has read the whole file.
+        sha256: Option<String>,
         /// Bytes asked of the reader (and sent once read).
         sent: u64,
         /// Bumped whenever sending starts again from an earlier offset; chunks
@@ -378,8 +436,10 @@ pub struct TransferPlan {
     pub chunk_size: u32,
     pub window: u32,
     pub stall: Duration,
-    /// For uploads: the local file's size and SHA-256, computed beforehand.
-    pub local_digest: Option<(u64, String)>,
+    /// For uploads: the local file's size, and its SHA-256 when computed
+    /// beforehand (for a guest that wants it in the offer); without it the file is
+    /// hashed while it is read for sending.
+    pub local_digest: Option<(u64, Option<String>)>,
 }
 
 impl TransferActor {
@@ -390,10 +450,11 @@ impl TransferActor {
         events: EventSender,
     ) -> TransferActor {
         let direction = match plan.local_digest {
-            Some((size, sha256)) if plan.to_guest => Direction::ToGuest {
+            Some((size, offered)) if plan.to_guest => Direction::ToGuest {
                 reader: None,
                 size,
-                sha256,
+                sha256: offered.clone(),
+                offered,
                 sent: 0,
                 epoch: 0,
             },
@@ -442,12 +503,12 @@ impl TransferActor {
     /// Sends (or repeats) the opening request.
     fn request(&mut self) {
         let word = match &mut self.direction {
-            Direction::ToGuest { size, sha256, .. } => Word::FilePut {
+            Direction::ToGuest { size, offered, .. } => Word::FilePut {
                 transfer_id: self.id.clone(),
                 offer: FileOffer {
                     path: self.remote.clone(),
                     size: *size,
-                    sha256: sha256.clone(),
+                    sha256: offered.clone(),
                     mode: None,
                     chunk_size: self.chunk_size,
                     window: self.window,
@@ -510,6 +571,7 @@ impl TransferActor {
         let Direction::ToGuest {
             reader,
             size,
+            offered,
             sha256,
             sent,
             epoch,
@@ -519,8 +581,9 @@ impl TransferActor {
         };
         while *sent < *size && *sent - self.done.min(*sent) < window {
             let len = u64::from(self.chunk_size).min(*size - *sent);
+            let hash_size = offered.is_none().then_some(*size);
             let reader = reader.get_or_insert_with(|| {
-                DiskReader::start(self.local.clone(), ctx.address().recipient())
+                DiskReader::start(self.local.clone(), hash_size, ctx.address().recipient())
             });
             reader.queue(ReadWork {
                 offset: *sent,
@@ -529,7 +592,9 @@ impl TransferActor {
             });
             *sent += len;
         }
-        if self.done >= *size {
+        // The reader's digest comes with the last chunk, before it is sent, so
+        // it is there once everything is acknowledged.
+        if let (true, Some(sha256)) = (self.done >= *size, sha256.as_ref()) {
             let end = Word::FileEnd {
                 transfer_id: self.id.clone(),
                 size: *size,
@@ -822,6 +887,10 @@ impl Handler<ChunkRead> for TransferActor {
         };
         if self.ended.is_some() || !current {
             return;
+        }
+        if let (Some(digest), Direction::ToGuest { sha256, .. }) = (msg.digest, &mut self.direction)
+        {
+            *sha256 = Some(digest);
         }
         match msg.data {
             Ok(data) => self.send(Word::FileChunk {
