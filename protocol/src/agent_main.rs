@@ -4,6 +4,7 @@
 //! causes, and the shutdown signal.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
 
 /// What an agent's command line asks for.
@@ -48,12 +49,13 @@ pub fn config_file_or_exit(
 ) -> Result<Option<PathBuf>, std::process::ExitCode> {
     match parse_agent_args(std::env::args().skip(1)) {
         Ok(AgentArgs::Run { config_file }) => Ok(config_file),
+        // A closed stdout (`--help | head`) is no error: print! would panic on it.
         Ok(AgentArgs::Help) => {
-            print!("{usage}\n{settings}");
+            let _ = write!(std::io::stdout(), "{usage}\n{settings}");
             Err(std::process::ExitCode::SUCCESS)
         }
         Ok(AgentArgs::Version) => {
-            println!("{version}");
+            let _ = writeln!(std::io::stdout(), "{version}");
             Err(std::process::ExitCode::SUCCESS)
         }
         Err(message) => {
