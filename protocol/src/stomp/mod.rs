@@ -4,14 +4,12 @@
 //! binary bodies with `content-length`, heart-beat EOLs, a size limit), and
 //! [`session`] keeps one logical connection to a broker alive across broker restarts:
 //! heart-beats and silent-peer detection, receipts, client-individual ACK/NACK,
-//! re-subscription and re-sending of unreceipted frames after a reconnect; [`quickack`]
-//! keeps delayed ACKs from stalling request/response traffic inside a VM.
+//! re-subscription and re-sending of unreceipted frames after a reconnect.
 //! It deliberately implements only the client side and only what both RabbitMQ's
 //! STOMP plugin and ActiveMQ accept; transactions (BEGIN/COMMIT/ABORT) are not used.
 
 pub mod codec;
 pub mod frame;
-pub mod quickack;
 pub mod session;
 
 pub use codec::{CodecError, StompCodec, StompItem};

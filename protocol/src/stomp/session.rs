@@ -2,7 +2,7 @@
 //!
 //! [`StompClient::start`] spawns a tokio task that owns the socket and returns a
 //! cloneable handle plus a stream of [`SessionEvent`]s. The task connects (TCP with
-//! `TCP_NODELAY`, keep-alive and immediate ACKs ([`QuickAck`]), optionally TLS), performs the STOMP 1.2 handshake,
+//! `TCP_NODELAY` and keep-alive, optionally TLS), performs the STOMP 1.2 handshake,
 //! negotiates heart-beats, and then multiplexes requests from handles with frames
 //! from the broker. When the connection fails (I/O error, broker ERROR frame, a peer
 //! silent for twice its heart-beat interval, a malformed frame) it reconnects with
@@ -20,7 +20,6 @@
 
 use crate::stomp::codec::{CodecError, StompCodec, StompItem, DEFAULT_MAX_FRAME_SIZE};
 use crate::stomp::frame::{Command, Frame};
-use crate::stomp::quickack::QuickAck;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -1178,7 +1177,6 @@ async fn open_stream(
     if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
         log::debug!("TCP keep-alive not set: {e}");
     }
-    let stream = QuickAck::new(stream);
     if !address.tls {
         return Ok(Box::new(stream));
     }
@@ -1187,7 +1185,7 @@ async fn open_stream(
 
 #[cfg(feature = "tls")]
 async fn tls_stream(
-    stream: QuickAck,
+    stream: TcpStream,
     address: &BrokerAddress,
     tls: Option<&TlsSettings>,
 ) -> Result<Box<dyn Io>, String> {
@@ -1208,7 +1206,7 @@ async fn tls_stream(
 
 #[cfg(not(feature = "tls"))]
 async fn tls_stream(
-    _stream: QuickAck,
+    _stream: TcpStream,
     _address: &BrokerAddress,
     _tls: Option<&TlsSettings>,
 ) -> Result<Box<dyn Io>, String> {
