@@ -1051,10 +1051,10 @@ impl Handler<StartTransfer> for Registry {
                 .as_ref()
                 .is_some_and(|guest| guest.capabilities.iter().any(|c| c == DIGEST_AT_END))
         });
-        let digest = async move {
+        // The local file is looked at on the blocking pool, never on this thread.
+        let check_local = move || {
             if !to_guest {
-                let parent_ok = local.parent().is_some_and(|p| p.is_dir());
-                return if parent_ok {
+                return if local.parent().is_some_and(|p| p.is_dir()) {
                     Ok(None)
                 } else {
                     Err(EngineError::BadArgument(format!(
@@ -1077,12 +1077,13 @@ impl Handler<StartTransfer> for Registry {
                 std::fs::File::open(&local).map_err(unreadable)?;
                 return Ok(Some((meta.len(), None)));
             }
-            let path = local.clone();
-            let (size, sha256) = tokio::task::spawn_blocking(move || transfer::sha256_file(&path))
+            let (size, sha256) = transfer::sha256_file(&local).map_err(unreadable)?;
+            Ok(Some((size, Some(sha256))))
+        };
+        let digest = async move {
+            tokio::task::spawn_blocking(check_local)
                 .await
                 .map_err(|e| EngineError::Internal(e.to_string()))?
-                .map_err(unreadable)?;
-            Ok(Some((size, Some(sha256))))
         };
         Box::pin(digest.into_actor(self).map(move |digest, act, _| {
             let digest = digest?;
