@@ -9,6 +9,10 @@
 # tests with Python's standard xmlrpc.client against a real vmc-host process, and
 # the end-to-end suite on real QEMU VMs booted from the guest image
 # (deploy/guest-image/build.sh; the first run builds it, ~4 minutes).
+# The two brokers are test brokers: their queues and messages are deleted first
+# (`reset`), because every run leaves durable queues behind (each test and
+# benchmark uses its own queue names) and a RabbitMQ holding tens of thousands
+# of them takes minutes to start. VMC_TEST_KEEP_BROKER_DATA=1 keeps them.
 # Brokers started here keep running afterwards (stop them with
 # deploy/brokers/down.sh).
 set -euo pipefail
@@ -17,6 +21,10 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 step "brokers"
+if [[ ${VMC_TEST_KEEP_BROKER_DATA:-0} != 1 ]]; then
+    bash deploy/brokers/rabbitmq.sh reset
+    bash deploy/brokers/activemq.sh reset
+fi
 bash deploy/brokers/up.sh
 
 step "QEMU, libvirt and the tiny test guest"

@@ -211,4 +211,10 @@ b_logs() {
     printf '%s\n' "$CONSOLE_LOG" "$DATA/activemq.log"
 }
 
+# KahaDB (queues, messages) and the broker's scratch files.
+b_data_dirs() {
+    amq_layout
+    printf '%s\n' "$DATA/kahadb" "$TMP"
+}
+
 broker_main "$@"

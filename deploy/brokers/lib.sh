@@ -20,6 +20,8 @@
 #   b_ports       hook: print the other loopback ports the instance listens on,
 #                 one "PORT WHAT" per line (checked free before starting, and
 #                 listening before the broker counts as ready)
+#   b_data_dirs   hook: print the directories holding the instance's queues and
+#                 messages (emptied by `reset`)
 #
 # Variables set here for the hooks: INSTANCE, PORT, STATE_DIR, CONSOLE_LOG.
 
@@ -66,6 +68,8 @@ commands:
   status    print running/stopped and the PID (exit 0 running, 1 starting, 3 stopped)
   kill      SIGKILL the broker process (crash test) and wait until it is gone
   purge     stop a named instance and delete its state dir (all its data)
+  reset     stop the broker and delete its queues and messages (any instance,
+            main included); configuration and certificates are kept
 
 options:
   --instance NAME  instance name, [A-Za-z0-9_-]+ (default: main)
@@ -449,6 +453,18 @@ cmd_purge() {
     log "purged (all data in $STATE_DIR deleted)"
 }
 
+cmd_reset() {
+    [[ -n $PORT ]] || { log "unknown instance: nothing to reset"; return 0; }
+    lock_instance
+    do_stop
+    local dir
+    while read -r dir; do
+        # The directories stay (owned by the broker's user); their contents go.
+        [[ -n $dir && -d $dir ]] && find "$dir" -mindepth 1 -delete
+    done < <(b_data_dirs)
+    log "reset (queues and messages deleted; start it again with: start)"
+}
+
 cmd_status() {
     local pid
     pid=$(b_pid)
@@ -478,6 +494,7 @@ broker_main() {
     status) cmd_status ;;
     kill) cmd_kill ;;
     purge) cmd_purge ;;
+    reset) cmd_reset ;;
     *) usage >&2; die "unknown command: $CMD" ;;
     esac
 }

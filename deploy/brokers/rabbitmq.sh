@@ -245,4 +245,10 @@ b_logs() {
     printf '%s\n' "$CONSOLE_LOG" "$LOG_BASE/$NODENAME.log"
 }
 
+# Mnesia (queue definitions, users, vhosts) and the message stores.
+b_data_dirs() {
+    rmq_layout
+    printf '%s\n' "$MNESIA_BASE"
+}
+
 broker_main "$@"
