@@ -444,3 +444,143 @@ async fn a_vm_another_backend_made_is_refused_with_the_backend_to_run() {
     );
     engine.shutdown().await;
 }
+
+#[actix_rt::test]
+async fn a_crashed_command_actor_is_restarted_and_its_callers_get_the_result() {
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
+    let _guest = guest(&prefix, "phoenix-cmd");
+    wait_presence(&engine, "phoenix-cmd", Presence::Alive).await;
+    let runs = dir.path().join("runs");
+    let cmd_id = engine
+        .run_command(
+            "phoenix-cmd",
+            sh(&format!(
+                "echo run >> '{}'; sleep 1; echo survived",
+                runs.display()
+            )),
+        )
+        .await
+        .unwrap();
+    wait_until(PATIENCE, "the command to run", || async {
+        engine
+            .command(&cmd_id)
+            .map(|r| r.state == CommandState::Running)
+            .unwrap_or(false)
+    })
+    .await;
+    // A caller already waiting when the actor crashes.
+    let waiting = {
+        let (engine, cmd_id) = (engine.clone(), cmd_id.clone());
+        actix_rt::spawn(async move { engine.wait_command(&cmd_id, PATIENCE).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    engine.crash_command_actor(&cmd_id).await.unwrap();
+    let record = waiting.await.unwrap().unwrap();
+    assert_eq!(record.state, CommandState::Finished, "{record:?}");
+    assert_eq!(record.result.unwrap().out, "survived\n");
+    // The restarted actor asked the guest again: it still ran the command once.
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n");
+    engine.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_transfer_whose_actor_has_gone_is_answered_from_the_store() {
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&prefix, dir.path());
+    config.linger = Duration::from_millis(200);
+    let engine = Engine::start(config).await.unwrap();
+    let guest = guest(&prefix, "files-linger");
+    wait_presence(&engine, "files-linger", Presence::Alive).await;
+    let local = dir.path().join("small.bin");
+    vmc_tests::transfer::write_pattern_file(&local, 100_000, 3);
+    let remote = guest.files_dir.join("small.bin");
+    let sent = engine
+        .copy_to_vm("files-linger", local, remote.display().to_string())
+        .await
+        .unwrap();
+    // Well past the actor's stay after the end.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = engine.wait_transfer(&sent.transfer_id).await.unwrap();
+    assert_eq!(again.sha256, sent.sha256);
+    assert_eq!(again.state, vmc_host::store::TransferState::Done);
+    engine.shutdown().await;
+}
+
+#[test]
+fn a_transfer_cut_by_an_abrupt_end_of_the_host_agent_fails_clearly_after_restart() {
+    use vmc_host::store::{TransferDirection, TransferState};
+    init_logging();
+    let prefix = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let guest = guest(&prefix, "files-cut");
+    let remote = guest.files_dir.join("big.bin");
+    vmc_tests::transfer::write_pattern_file(&remote, 64 * 1024 * 1024, 5);
+    let local = dir.path().join("big.bin");
+    let transfer_id = Arc::new(std::sync::Mutex::new(String::new()));
+    let slow = |prefix: &str, dir: &std::path::Path| {
+        // Small chunks, one at a time: slow enough to be cut mid-way.
+        let mut config = config(prefix, dir);
+        config.chunk_size = 16 * 1024;
+        config.window = 1;
+        config
+    };
+    let (id, target) = (transfer_id.clone(), local.clone());
+    engine_in_thread(slow(&prefix, dir.path()), move |engine| {
+        Box::pin(async move {
+            wait_presence(&engine, "files-cut", Presence::Alive).await;
+            let started = engine
+                .start_transfer(
+                    "files-cut",
+                    TransferDirection::FromGuest,
+                    target,
+                    remote.display().to_string(),
+                )
+                .await
+                .unwrap();
+            wait_until(PATIENCE, "some bytes to arrive", || async {
+                engine
+                    .transfer(&started)
+                    .map(|t| t.bytes_done > 0)
+                    .unwrap_or(false)
+            })
+            .await;
+            *id.lock().unwrap() = started;
+        })
+    });
+    let transfer_id = transfer_id.lock().unwrap().clone();
+    let part = vmc_host::engine::transfer::part_path(&local, &transfer_id);
+    assert!(
+        part.exists(),
+        "the partial download is there after the crash"
+    );
+    let dir_path = dir.path().to_path_buf();
+    engine_in_thread(slow(&prefix, &dir_path), move |engine| {
+        Box::pin(async move {
+            let record = engine.transfer(&transfer_id).unwrap();
+            assert_eq!(record.state, TransferState::Failed, "{record:?}");
+            let error = record.error.unwrap_or_default();
+            assert!(
+                error.starts_with("io: the host agent stopped"),
+                "the reason says what happened: {error}"
+            );
+            match engine.wait_transfer(&transfer_id).await {
+                Err(EngineError::Transfer { code, .. }) => {
+                    assert_eq!(code, vmc_protocol::words::FileErrorCode::Io)
+                }
+                other => panic!("waiting for the cut transfer: {other:?}"),
+            }
+            wait_until(PATIENCE, "the partial download to be removed", || async {
+                !part.exists()
+            })
+            .await;
+            assert!(!local.exists(), "no half file in place of the target");
+            engine.shutdown().await;
+        })
+    });
+    drop(guest);
+}

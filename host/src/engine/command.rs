@@ -12,6 +12,8 @@
 //! again with the same id: the guest runs a command id at most once and answers a
 //! repeated one with its spooled result. After its end the actor lingers briefly
 //! for late duplicates, then stops; the registry answers from the store after that.
+//! Should it stop before its command's end, the registry (its supervisor) starts
+//! it again as after a host restart, handing over whoever was waiting.
 
 use super::broker::{BrokerActor, Publish};
 use super::flush::Flusher;
@@ -24,8 +26,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use vmc_protocol::words::{CommandOutcome, CommandResult, CommandStatus, Message as Word};
 
-/// How long a finished command's actor waits for late duplicates before stopping.
-const LINGER: Duration = Duration::from_secs(30);
+/// How long a finished command's actor waits for late duplicates before stopping
+/// (unless the engine's configuration says otherwise).
+pub const LINGER: Duration = Duration::from_secs(30);
 
 /// Extra time past a command's own timeout before the host gives up on its result.
 const DEADLINE_SLACK: Duration = Duration::from_secs(60);
@@ -67,6 +70,7 @@ pub struct CommandActor {
     on_stop: Option<Recipient<CommandStopped>>,
     events: EventSender,
     vm: Option<String>,
+    linger: Duration,
 }
 
 impl std::fmt::Debug for CommandActor {
@@ -77,11 +81,15 @@ impl std::fmt::Debug for CommandActor {
     }
 }
 
-/// Told to the registry when a command actor stops.
+/// Told to the registry when a command actor stops. `finished` false means it
+/// stopped before its command's end (a crash): `waiters` are the callers still
+/// waiting for that end, for the actor that takes over.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct CommandStopped {
     pub cmd_id: String,
+    pub finished: bool,
+    pub waiters: Vec<oneshot::Sender<CommandRecord>>,
 }
 
 impl CommandActor {
@@ -113,7 +121,22 @@ impl CommandActor {
             on_stop: Some(on_stop),
             events,
             vm: record.vm.clone(),
+            linger: LINGER,
         }
+    }
+
+    /// How long the actor stays after its command's end (late duplicates are
+    /// answered from memory meanwhile).
+    pub fn lingering(mut self, linger: Duration) -> CommandActor {
+        self.linger = linger;
+        self
+    }
+
+    /// Callers already waiting for the command's end (handed over from an actor
+    /// that stopped before it).
+    pub fn with_waiters(mut self, waiters: Vec<oneshot::Sender<CommandRecord>>) -> CommandActor {
+        self.waiters = waiters;
+        self
     }
 
     /// For a command that was in flight when the host stopped: `CMD_RUN` is sent
@@ -169,7 +192,7 @@ impl CommandActor {
         for waiter in self.status_waiters.drain(..) {
             let _ = waiter.send(None);
         }
-        ctx.run_later(LINGER, |_, ctx| ctx.stop());
+        ctx.run_later(self.linger, |_, ctx| ctx.stop());
     }
 
     fn on_result(&mut self, result: CommandResult, ctx: &mut Context<Self>) {
@@ -253,9 +276,21 @@ impl Actor for CommandActor {
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        if super::tearing_down() {
+            // The host agent is stopping: the next start recovers the command.
+            return;
+        }
+        if !self.finished {
+            log::warn!(
+                "the actor of command {} stopped before the command's end",
+                self.cmd_id
+            );
+        }
         if let Some(on_stop) = self.on_stop.take() {
             on_stop.do_send(CommandStopped {
                 cmd_id: self.cmd_id.clone(),
+                finished: self.finished,
+                waiters: std::mem::take(&mut self.waiters),
             });
         }
     }
@@ -362,6 +397,20 @@ impl Handler<WaitFinished> for CommandActor {
                 EngineError::Internal(format!("command {cmd_id} stopped unexpectedly"))
             })
         })
+    }
+}
+
+/// Stops the actor as a crash would, whatever its command's state (tests of
+/// supervision use it).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+impl Handler<Crash> for CommandActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Crash, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 

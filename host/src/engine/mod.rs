@@ -94,6 +94,9 @@ pub struct EngineConfig {
     pub window: u32,
     /// A transfer with no progress for this long asks the guest where it stands.
     pub transfer_stall: Duration,
+    /// How long a finished command's or transfer's actor stays for late duplicates
+    /// before it stops (the registry then answers from the store).
+    pub linger: Duration,
 }
 
 impl EngineConfig {
@@ -117,6 +120,7 @@ impl EngineConfig {
             // broker session's bursts hold the engine's thread for 70-180 ms.
             window: 16,
             transfer_stall: Duration::from_secs(10),
+            linger: command::LINGER,
         }
     }
 }
@@ -453,10 +457,27 @@ impl Engine {
             .await?
     }
 
+    /// Makes a running command's actor stop as a crash would; the registry starts
+    /// it again and it carries on. For tests of supervision.
+    pub async fn crash_command_actor(&self, cmd_id: &str) -> Result<(), EngineError> {
+        self.registry
+            .send(registry::CrashCommand {
+                cmd_id: cmd_id.to_owned(),
+            })
+            .await?
+    }
+
     /// Stops the broker session cleanly (the actors stop with the actix system).
     pub async fn shutdown(&self) {
         let _ = self.registry.send(registry::Shutdown).await;
     }
+}
+
+/// Whether the actix system is being torn down (its runtime is gone): actors
+/// stopped then are stopping with the host agent, not crashing, and must leave
+/// their records for the next start to deal with.
+pub(crate) fn tearing_down() -> bool {
+    tokio::runtime::Handle::try_current().is_err()
 }
 
 /// A fresh unique id with a prefix, e.g. `cmd-5f0c…`.

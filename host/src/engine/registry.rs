@@ -57,6 +57,11 @@ pub struct Registry {
     flusher: Flusher,
     /// When each guest whose HELLO we lack was last asked for one.
     asked_hello: HashMap<String, Instant>,
+    /// How many times each command's actor was started again after stopping
+    /// before the command's end.
+    restarts: HashMap<String, u32>,
+    /// Set by [`Shutdown`]: actors stopping from then on are not restarted.
+    shutting_down: bool,
 }
 
 impl std::fmt::Debug for Registry {
@@ -89,6 +94,8 @@ impl Registry {
             events,
             flusher,
             asked_hello: HashMap::new(),
+            restarts: HashMap::new(),
+            shutting_down: false,
         }
     }
 
@@ -229,7 +236,8 @@ impl Registry {
             self.guest_queue(&record.guest_id)?,
             ctx.address().recipient(),
             self.events.clone(),
-        );
+        )
+        .lingering(self.config.linger);
         self.commands.insert(record.cmd_id.clone(), actor.start());
         Ok(())
     }
@@ -397,6 +405,49 @@ impl Registry {
         }
     }
 
+    /// A transfer that was under way when the host agent stopped: its actor's
+    /// state (window, offsets, the hash so far) is gone, so it ends `failed` (`io`)
+    /// rather than showing `running` forever. Our partial download is removed and
+    /// the guest is told to abort (it drops its partial upload and stops sending).
+    fn interrupted_transfer(&self, record: &TransferRecord, broker: &Addr<BrokerActor>) {
+        let id = &record.transfer_id;
+        let why = "the host agent stopped while the file was being copied; copy it again";
+        log::warn!("transfer {id} ({}): {why}", record.direction.as_str());
+        let error = format!("{}: {why}", FileErrorCode::Io);
+        match self
+            .store
+            .finish_transfer(id, TransferState::Failed, None, None, Some(&error))
+        {
+            Ok(_) => {
+                let _ = self.events.send(super::EngineEvent::Transfer {
+                    transfer_id: id.clone(),
+                    bytes_done: record.bytes_done,
+                    state: TransferState::Failed,
+                });
+            }
+            Err(e) => log::error!("cannot record that transfer {id} failed: {e}"),
+        }
+        if record.direction == TransferDirection::FromGuest {
+            let part = transfer::part_path(&record.local_path, id);
+            tokio::task::spawn_blocking(move || match std::fs::remove_file(&part) {
+                Ok(()) => log::info!("removed the partial file {}", part.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("cannot remove the partial file {}: {e}", part.display()),
+            });
+        }
+        if let Ok(queue) = self.guest_queue(&record.guest_id) {
+            broker.do_send(Publish {
+                destination: queue,
+                word: Word::FileAbort {
+                    transfer_id: id.clone(),
+                    reason: Some(why.to_owned()),
+                },
+                to: Some(record.guest_id.clone()),
+                confirm: true,
+            });
+        }
+    }
+
     /// A result for a command without an actor: store it if we know the command
     /// (first result wins) and acknowledge it so the guest can forget it.
     fn orphan_result(&mut self, from: &str, result: vmc_protocol::words::CommandResult) {
@@ -477,8 +528,12 @@ impl Handler<Boot> for Registry {
                 ctx.address().recipient(),
                 self.events.clone(),
             )
-            .recovering();
+            .recovering()
+            .lingering(self.config.linger);
             self.commands.insert(record.cmd_id.clone(), actor.start());
+        }
+        for record in self.store.transfers(None, true)? {
+            self.interrupted_transfer(&record, &broker);
         }
         Ok(())
     }
@@ -525,13 +580,106 @@ impl Handler<Incoming> for Registry {
     }
 }
 
+impl Handler<transfer::TransferStopped> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: transfer::TransferStopped, _ctx: &mut Context<Self>) {
+        self.transfers.remove(&msg.transfer_id);
+    }
+}
+
 impl Handler<CommandStopped> for Registry {
     type Result = ();
 
-    fn handle(&mut self, msg: CommandStopped, _ctx: &mut Context<Self>) {
+    /// A command's actor stopped. After its command's end that is the plan; before
+    /// it, a crash: the actor is started again as after a host restart (it sends
+    /// `CMD_RUN` again, which the guest runs at most once) and takes over the
+    /// callers waiting, up to [`MAX_RESTARTS`] times, then the command is lost.
+    fn handle(&mut self, msg: CommandStopped, ctx: &mut Context<Self>) {
         self.commands.remove(&msg.cmd_id);
+        if msg.finished || self.shutting_down {
+            self.restarts.remove(&msg.cmd_id);
+            return;
+        }
+        let cmd_id = msg.cmd_id;
+        let record = match self.store.command(&cmd_id) {
+            Ok(Some(record)) => record,
+            Ok(None) => return,
+            Err(e) => {
+                log::error!("cannot read command {cmd_id} to restart its actor: {e}");
+                return;
+            }
+        };
+        let answer = |record: &CommandRecord, waiters: Vec<oneshot::Sender<CommandRecord>>| {
+            for waiter in waiters {
+                let _ = waiter.send(record.clone());
+            }
+        };
+        if record.state.is_final() {
+            self.restarts.remove(&cmd_id);
+            answer(&record, msg.waiters);
+            return;
+        }
+        let restarts = self.restarts.entry(cmd_id.clone()).or_insert(0);
+        *restarts += 1;
+        let restarts = *restarts;
+        let links = if restarts > MAX_RESTARTS {
+            Err(EngineError::Internal(format!(
+                "its actor stopped {restarts} times before the command's end"
+            )))
+        } else {
+            self.guest_queue(&record.guest_id)
+                .and_then(|queue| Ok((queue, self.broker()?)))
+        };
+        match links {
+            Ok((queue, broker)) => {
+                log::warn!(
+                    "restarting the actor of command {cmd_id} ({restarts} of {MAX_RESTARTS})"
+                );
+                let actor = CommandActor::new(
+                    &record,
+                    self.store.clone(),
+                    self.flusher.clone(),
+                    broker,
+                    queue,
+                    ctx.address().recipient(),
+                    self.events.clone(),
+                )
+                .recovering()
+                .lingering(self.config.linger)
+                .with_waiters(msg.waiters);
+                self.commands.insert(cmd_id.clone(), actor.start());
+            }
+            Err(e) => {
+                self.restarts.remove(&cmd_id);
+                let why = format!("the host lost track of the command: {e}");
+                log::error!("command {cmd_id}: {why}");
+                match self.store.set_command_state(
+                    &cmd_id,
+                    CommandState::Lost,
+                    Utc::now(),
+                    Some(&why),
+                ) {
+                    Ok(_) => {
+                        let _ = self.events.send(super::EngineEvent::Command {
+                            cmd_id: cmd_id.clone(),
+                            vm: record.vm.clone(),
+                            state: CommandState::Lost,
+                        });
+                        if let Ok(Some(record)) = self.store.command(&cmd_id) {
+                            answer(&record, msg.waiters);
+                        }
+                    }
+                    Err(e) => log::error!("cannot record that command {cmd_id} is lost: {e}"),
+                }
+            }
+        }
     }
 }
+
+/// How many times a command's actor is started again after stopping before its
+/// command's end, before the command is given up as lost.
+const MAX_RESTARTS: u32 = 3;
 
 /// `createVM`.
 #[derive(Debug, Message)]
@@ -717,6 +865,25 @@ impl Handler<CrashVm> for Registry {
 
     fn handle(&mut self, msg: CrashVm, _ctx: &mut Context<Self>) -> Self::Result {
         self.vm_addr(&msg.vm)?.do_send(vm::Crash);
+        Ok(())
+    }
+}
+
+/// Makes a command's actor stop as if it crashed (supervision tests).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct CrashCommand {
+    pub cmd_id: String,
+}
+
+impl Handler<CrashCommand> for Registry {
+    type Result = Result<(), EngineError>;
+
+    fn handle(&mut self, msg: CrashCommand, _ctx: &mut Context<Self>) -> Self::Result {
+        self.commands
+            .get(&msg.cmd_id)
+            .ok_or(EngineError::UnknownCommand(msg.cmd_id))?
+            .do_send(command::Crash);
         Ok(())
     }
 }
@@ -1085,7 +1252,7 @@ impl Handler<StartTransfer> for Registry {
                 .await
                 .map_err(|e| EngineError::Internal(e.to_string()))?
         };
-        Box::pin(digest.into_actor(self).map(move |digest, act, _| {
+        Box::pin(digest.into_actor(self).map(move |digest, act, ctx| {
             let digest = digest?;
             let id = new_id("xfer");
             let record = TransferRecord::new(
@@ -1112,9 +1279,16 @@ impl Handler<StartTransfer> for Registry {
                 window: act.config.window,
                 stall: act.config.transfer_stall,
                 local_digest: digest,
+                linger: act.config.linger,
             };
-            let actor =
-                TransferActor::new(plan, act.store.clone(), broker, act.events.clone()).start();
+            let actor = TransferActor::new(
+                plan,
+                act.store.clone(),
+                broker,
+                act.events.clone(),
+                ctx.address().recipient(),
+            )
+            .start();
             act.transfers.insert(id.clone(), actor);
             Ok(id)
         }))
@@ -1193,6 +1367,7 @@ impl Handler<Shutdown> for Registry {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _msg: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
+        self.shutting_down = true;
         let broker = self.broker.clone();
         Box::pin(async move {
             if let Some(broker) = broker {

@@ -14,11 +14,15 @@
 //! file, checks its SHA-256 against the one `FILE_END` carries (reading the file
 //! again only if the transfer resumed mid-way), renames it into place, and the actor
 //! sends `FILE_DONE`. The actor's thread never reads, writes, hashes or flushes
-//! a file (uploads are hashed before the actor starts, by its caller). Every
+//! a file (an upload to an older guest, which wants the digest in `FILE_PUT`, is
+//! hashed before the actor starts, by its caller). Every
 //! `stall` without progress (a chunk lost with a broker restart), the request is
 //! repeated with the same transfer id and the transfer resumes from where the
 //! receiving side stands. A failure removes our partial file and ends with the
-//! guest's error code. Progress (bytes, rate) is stored as it goes.
+//! guest's error code. Progress (bytes, rate) is stored as it goes. The actor
+//! stays a while after the end for late duplicates, then stops and tells the
+//! registry; should it stop before the end, the transfer fails (`io`) and the
+//! guest is told to abort.
 
 use super::broker::{BrokerActor, Publish};
 use super::{EngineError, EngineEvent, EventSender};
@@ -414,6 +418,15 @@ pub struct TransferActor {
     ended: Option<Result<TransferRecord, (FileErrorCode, String)>>,
     waiters: Vec<oneshot::Sender<Result<TransferRecord, EngineError>>>,
     events: EventSender,
+    linger: Duration,
+    on_stop: Option<Recipient<TransferStopped>>,
+}
+
+/// Told to the registry when a transfer's actor stops.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct TransferStopped {
+    pub transfer_id: String,
 }
 
 impl std::fmt::Debug for TransferActor {
@@ -440,6 +453,15 @@ pub struct TransferPlan {
     /// beforehand (for a guest that wants it in the offer); without it the file is
     /// hashed while it is read for sending.
     pub local_digest: Option<(u64, Option<String>)>,
+    /// How long the actor stays after the end (late duplicates).
+    pub linger: Duration,
+}
+
+/// Where a download to `local` is written until its digest is checked.
+pub fn part_path(local: &Path, transfer_id: &str) -> PathBuf {
+    let mut part = local.to_owned().into_os_string();
+    part.push(format!(".vmc-part-{transfer_id}"));
+    part.into()
 }
 
 impl TransferActor {
@@ -448,6 +470,7 @@ impl TransferActor {
         store: Arc<Store>,
         broker: Addr<BrokerActor>,
         events: EventSender,
+        on_stop: Recipient<TransferStopped>,
     ) -> TransferActor {
         let direction = match plan.local_digest {
             Some((size, offered)) if plan.to_guest => Direction::ToGuest {
@@ -458,18 +481,14 @@ impl TransferActor {
                 sent: 0,
                 epoch: 0,
             },
-            _ => {
-                let mut part = plan.local.clone().into_os_string();
-                part.push(format!(".vmc-part-{}", plan.id));
-                Direction::FromGuest {
-                    part: part.into(),
-                    disk: None,
-                    received: 0,
-                    epoch: 0,
-                    size: None,
-                    completing: false,
-                }
-            }
+            _ => Direction::FromGuest {
+                part: part_path(&plan.local, &plan.id),
+                disk: None,
+                received: 0,
+                epoch: 0,
+                size: None,
+                completing: false,
+            },
         };
         TransferActor {
             id: plan.id,
@@ -488,6 +507,8 @@ impl TransferActor {
             ended: None,
             waiters: Vec::new(),
             events,
+            linger: plan.linger,
+            on_stop: Some(on_stop),
         }
     }
 
@@ -665,7 +686,9 @@ impl TransferActor {
             let _ = waiter.send(as_result(&ended));
         }
         self.ended = Some(ended);
-        ctx.run_later(Duration::from_secs(30), |_, ctx| ctx.stop());
+        if ctx.state().alive() {
+            ctx.run_later(self.linger, |_, ctx| ctx.stop());
+        }
     }
 
     /// Hands a chunk that continues the received bytes to the disk worker; any
@@ -786,6 +809,27 @@ impl Actor for TransferActor {
                 act.request();
             }
         });
+    }
+
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
+        if super::tearing_down() {
+            // The host agent is stopping: the next start ends the transfer.
+            return;
+        }
+        if self.ended.is_none() {
+            let why = "the transfer's actor stopped before its end".to_owned();
+            log::error!("transfer {}: {why}", self.id);
+            self.send(Word::FileAbort {
+                transfer_id: self.id.clone(),
+                reason: Some(why.clone()),
+            });
+            self.end(Err((FileErrorCode::Io, why)), ctx);
+        }
+        if let Some(on_stop) = self.on_stop.take() {
+            on_stop.do_send(TransferStopped {
+                transfer_id: self.id.clone(),
+            });
+        }
     }
 }
 
