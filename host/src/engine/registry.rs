@@ -20,7 +20,7 @@ use super::vm::{self, LifecycleOp, VmActor};
 use super::{new_id, EngineConfig, EngineError, EngineStatus, EventSender, FanoutView, VmView};
 use crate::hypervisor::foreign::Foreign;
 use crate::hypervisor::unmanaged::{self, Unmanaged};
-use crate::hypervisor::{Hypervisor, SnapshotInfo, VmDefinition, VmSpec, VmState};
+use crate::hypervisor::{default_mac, Hypervisor, SnapshotInfo, VmDefinition, VmSpec, VmState};
 use crate::store::{
     CommandQuery, CommandRecord, CommandState, Store, StoreError, TransferDirection,
     TransferRecord, TransferState, VmRecord,
@@ -62,6 +62,8 @@ pub struct Registry {
     restarts: HashMap<String, u32>,
     /// Set by [`Shutdown`]: actors stopping from then on are not restarted.
     shutting_down: bool,
+    /// MACs picked for VMs being created (not yet in `ids`).
+    reserved_macs: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -96,6 +98,7 @@ impl Registry {
             asked_hello: HashMap::new(),
             restarts: HashMap::new(),
             shutting_down: false,
+            reserved_macs: BTreeSet::new(),
         }
     }
 
@@ -677,6 +680,9 @@ impl Handler<CommandStopped> for Registry {
     }
 }
 
+/// How many candidate MACs of a name createVM tries (see [`default_mac`]).
+const MAC_CANDIDATES: u32 = 64;
+
 /// How many times a command's actor is started again after stopping before its
 /// command's end, before the command is given up as lost.
 const MAX_RESTARTS: u32 = 3;
@@ -707,10 +713,32 @@ impl Handler<CreateVm> for Registry {
         if self.vms.contains_key(&name) {
             return Box::pin(actix::fut::ready(Err(EngineError::VmExists(name))));
         }
+        let mut spec = msg.spec;
+        // The MAC is the guest's id: take the first candidate for the name that no
+        // other VM here has or is being given (a given MAC is checked by the store).
+        let reserved = if spec.mac.is_none() {
+            let free = (0..MAC_CANDIDATES)
+                .map(|n| default_mac(&name, n))
+                .find(|mac| !self.ids.contains_key(mac) && !self.reserved_macs.contains(mac));
+            let Some(mac) = free else {
+                let err = EngineError::BadArgument(format!(
+                    "no free MAC among {MAC_CANDIDATES} candidates for the name {name:?}; pick another name"
+                ));
+                return Box::pin(actix::fut::ready(Err(err)));
+            };
+            self.reserved_macs.insert(mac.clone());
+            spec.mac = Some(mac.clone());
+            Some(mac)
+        } else {
+            None
+        };
         let hypervisor = self.config.hypervisor.clone();
         let create =
-            async move { tokio::task::spawn_blocking(move || hypervisor.create(&msg.spec)).await };
+            async move { tokio::task::spawn_blocking(move || hypervisor.create(&spec)).await };
         Box::pin(create.into_actor(self).then(move |created, act, ctx| {
+            if let Some(mac) = &reserved {
+                act.reserved_macs.remove(mac);
+            }
             let outcome = (|| {
                 let definition = created.map_err(|e| EngineError::Internal(e.to_string()))??;
                 let record = VmRecord::from_definition(&definition, Utc::now());

@@ -125,6 +125,20 @@ pub struct VmSpec {
     pub mac: Option<String>,
 }
 
+/// The `n`th candidate MAC for a VM named `name` that was given none: `52:54:00`
+/// (QEMU's prefix) and three bytes of the SHA-256 of the name (of `name#n` for
+/// `n` > 0), upper-case. Stable for a name; the registry takes the first one no
+/// other VM of this host has, since three bytes collide among a few thousand names.
+pub fn default_mac(name: &str, n: u32) -> String {
+    use sha2::{Digest, Sha256};
+    let hash = if n == 0 {
+        Sha256::digest(name.as_bytes())
+    } else {
+        Sha256::digest(format!("{name}#{n}").as_bytes())
+    };
+    format!("52:54:00:{:02X}:{:02X}:{:02X}", hash[0], hash[1], hash[2])
+}
+
 impl VmSpec {
     /// A spec with the defaults: 256 MiB, 1 CPU, no kernel.
     pub fn new(name: impl Into<String>) -> VmSpec {
@@ -353,6 +367,18 @@ impl DiskCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_macs_are_stable_distinct_and_in_qemus_range() {
+        let first = default_mac("web-1", 0);
+        assert_eq!(first, default_mac("web-1", 0), "stable for a name");
+        // `printf web-1 | sha256sum` starts c4719a.
+        assert_eq!(first, "52:54:00:C4:71:9A");
+        let candidates: std::collections::BTreeSet<String> =
+            (0..64).map(|n| default_mac("web-1", n)).collect();
+        assert_eq!(candidates.len(), 64, "each candidate differs");
+        assert_ne!(default_mac("web-1", 1), default_mac("web-2", 1));
+    }
 
     #[test]
     fn state_names_are_the_originals() {

@@ -16,7 +16,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use vmc_protocol::agent_main::error_chain;
 
 use super::guest_image::{self, GuestImage};
@@ -103,11 +102,10 @@ pub fn check_spec(spec: &VmSpec) -> Result<CheckedSpec, HypervisorError> {
     Ok(CheckedSpec { mac, guest_image })
 }
 
-/// The MAC of a VM named `name` that was given none: `52:54:00` (QEMU's prefix)
-/// and three bytes of the name's SHA-256, upper-case.
+/// The MAC of a VM named `name` that was given none: [`crate::hypervisor::default_mac`]
+/// (the registry passes one, free among this host's VMs, in the spec).
 pub fn mac_for_name(name: &str) -> String {
-    let hash = Sha256::digest(name.as_bytes());
-    format!("52:54:00:{:02X}:{:02X}:{:02X}", hash[0], hash[1], hash[2])
+    crate::hypervisor::default_mac(name, 0)
 }
 
 /// Checks and upper-cases a unicast MAC address `XX:XX:XX:XX:XX:XX`.
