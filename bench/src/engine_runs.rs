@@ -162,7 +162,7 @@ async fn fanouts(
             break;
         }
         let start_secs = started.elapsed().as_secs_f64();
-        match fanout(mode, &engine, n, broker).await {
+        match fanout(mode, &engine, n, (broker, broker_port)).await {
             Ok(mut r) => {
                 for row in &mut r {
                     row.note = format!("{}; {n} guests said HELLO in {start_secs:.1} s", row.note);
@@ -211,17 +211,29 @@ pub(crate) async fn round_trip(
     ])
 }
 
+fn machine_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 async fn fanout(
     mode: &Mode,
     engine: &Engine,
     n: usize,
-    broker: &str,
+    (broker, broker_port): (&str, u16),
 ) -> Result<Vec<Row>, BenchError> {
     // fan-0000.. fan-0009 for 10, fan-0000.. fan-0099 for 100, all four digits for 1000.
     let digits = n.to_string().len() - 1;
     let glob = format!("fan-{}{}", "0".repeat(4 - digits), "?".repeat(digits));
     let (mut e2e, mut cpu, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut busy, mut broker_cpu) = (Vec::new(), Vec::new());
+    let broker_pid = machine::listener_pid(broker_port).map(|pid| pid.to_string());
+    let broker_usage = || {
+        broker_pid
+            .as_deref()
+            .map_or(0.0, |pid| machine::usage(pid).cpu_secs)
+    };
     for _ in 0..mode.repetitions {
+        let (busy_before, broker_before) = (machine::busy_cpu_secs(), broker_usage());
         let before = machine::usage("self");
         let start = Instant::now();
         let view = engine
@@ -244,6 +256,8 @@ async fn fanout(
             }
         }
         e2e.push(ms(start.elapsed()));
+        busy.push((machine::busy_cpu_secs() - busy_before) * 1e3);
+        broker_cpu.push((broker_usage() - broker_before) * 1e3);
         let after = machine::usage("self");
         cpu.push((after.cpu_secs - before.cpu_secs) * 1e3);
         rss.push(after.rss_bytes as f64 / 1048576.0);
@@ -258,6 +272,25 @@ async fn fanout(
         Row::new(FANOUT, subject.clone(), "end to end", "ms", &e2e).note(note),
         Row::new(FANOUT, subject.clone(), "host CPU time", "ms", &cpu)
             .note("user+sys of the engine's process, 10 ms ticks"),
+        Row::new(
+            FANOUT,
+            subject.clone(),
+            "broker CPU time",
+            "ms",
+            &broker_cpu,
+        )
+        .note(match broker_pid {
+            Some(_) => format!(
+                "user+sys of the {broker} process (found by its listening port), 10 ms ticks"
+            ),
+            None => format!("the {broker} process was not found by its port: not measured"),
+        }),
+        Row::new(FANOUT, subject.clone(), "machine CPU time", "ms", &busy).note(format!(
+            "every process on the machine (guests, their `true`s, the broker, the host, this \
+             client), from /proc/stat; the {} CPUs offer {} × end to end",
+            machine_cpus(),
+            machine_cpus()
+        )),
         Row::new(FANOUT, subject, "host RSS", "MiB", &rss).note(format!(
             "after the fan-out; peak (VmHWM) {peak:.1} MiB{}",
             match broker {

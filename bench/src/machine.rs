@@ -96,3 +96,55 @@ pub fn usage(pid: &str) -> ProcessUsage {
         hwm_bytes: kib("VmHWM:"),
     }
 }
+
+/// CPU seconds the whole machine spent busy so far (every CPU, every process:
+/// user, nice, system, irq, softirq, steal), from the first line of `/proc/stat`.
+pub fn busy_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum::<f64>()
+        / USER_HZ
+}
+
+/// The process listening on 127.0.0.1:`port` or any address (the broker, for its
+/// CPU time), found through `/proc/net/tcp*` and the processes' open sockets.
+pub fn listener_pid(port: u16) -> Option<u32> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            text.lines().skip(1).find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let local_port = fields.get(1)?.rsplit_once(':')?.1;
+                let listening = fields.get(3) == Some(&"0A");
+                (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                    .then(|| fields.get(9).map(|s| s.to_string()))
+                    .flatten()
+            })
+        })?;
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let fds = std::fs::read_dir(entry.path().join("fd")).ok()?;
+            fds.flatten()
+                .any(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|target| target.as_os_str() == wanted.as_str())
+                })
+                .then_some(pid)
+        })
+}
