@@ -24,7 +24,8 @@ const USAGE: &str = "usage: vmc-bench [--short] [--only GROUPS] [--output PATH]\
             mode, target/BENCHMARKS.short.md for the short one)\n\
   VMC_HOST_BIN / VMC_GUEST_BIN override the agents (default: next to vmc-bench);\n\
   VMC_BENCH_BROKER_PORT the RabbitMQ STOMP port (default 61613, started if down);\n\
-  VMC_BENCH_ACTIVEMQ_PORT the ActiveMQ STOMP port (default 61614, started if down)";
+  VMC_BENCH_ACTIVEMQ_PORT the ActiveMQ STOMP port (default 61614, started if down);\n\
+  RUST_LOG what the in-process engine logs to stderr (default warn)";
 
 fn workspace_root() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -105,6 +106,11 @@ fn ssh_rows(mode: &Mode) -> Vec<Row> {
 
 fn main() -> ExitCode {
     const GROUPS: [&str; 5] = ["engine", "host", "presence", "transfer", "vm"];
+    // The in-process engine's warnings (a broker session lost, a command resent)
+    // explain an outlier figure; RUST_LOG=debug tells more.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_millis()
+        .init();
     let (mut mode, mut output, mut only) = (Mode::full(), None, None::<Vec<String>>);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

@@ -445,7 +445,7 @@ impl Registry {
                     transfer_id: id.clone(),
                     reason: Some(why.to_owned()),
                 },
-                to: Some(record.guest_id.clone()),
+                to: None,
                 confirm: true,
             });
         }
