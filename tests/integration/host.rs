@@ -61,14 +61,47 @@ fn prefix() -> String {
     unique_name("vmchost").replace('.', "-")
 }
 
-#[actix_rt::test]
-async fn unmanaged_guest_runs_commands_and_refuses_lifecycle_calls() {
+/// An engine on its own prefix and state directory, and one real guest it sees
+/// alive.
+struct Rig {
+    engine: Engine,
+    guest: GuestProcess,
+    dir: tempfile::TempDir,
+}
+
+async fn rig(guest_id: &str, tune: impl FnOnce(&mut EngineConfig)) -> Rig {
     init_logging();
     let prefix = prefix();
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
-    let _guest = guest(&prefix, "box-1");
-    wait_presence(&engine, "box-1", Presence::Alive).await;
+    let mut config = config(&prefix, dir.path());
+    tune(&mut config);
+    let engine = Engine::start(config).await.unwrap();
+    let guest = guest(&prefix, guest_id);
+    wait_presence(&engine, guest_id, Presence::Alive).await;
+    Rig { engine, guest, dir }
+}
+
+async fn wait_state(engine: &Engine, cmd_id: &str, wanted: CommandState) {
+    wait_until(
+        PATIENCE,
+        &format!("{cmd_id} to be {}", wanted.as_str()),
+        || async {
+            engine
+                .command(cmd_id)
+                .map(|r| r.state == wanted)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn unmanaged_guest_runs_commands_and_refuses_lifecycle_calls() {
+    let Rig {
+        engine,
+        guest: _guest,
+        dir: _dir,
+    } = rig("box-1", |_| {}).await;
     let view = engine.vm("box-1").await.unwrap();
     assert_eq!(view.backend, "unmanaged");
     assert_eq!(view.guest.as_ref().map(|g| g.id.as_str()), Some("box-1"));
@@ -173,13 +206,7 @@ async fn fan_out_to_twenty_guests_and_cancel() {
     }
 
     let cmd_id = engine.run_command("fan-00", sh("sleep 60")).await.unwrap();
-    wait_until(PATIENCE, "the command to run", || async {
-        engine
-            .command(&cmd_id)
-            .map(|r| r.state == CommandState::Running)
-            .unwrap_or(false)
-    })
-    .await;
+    wait_state(&engine, &cmd_id, CommandState::Running).await;
     let details = engine.command_details(&cmd_id).await.unwrap();
     assert!(
         details.live.is_some_and(|s| s.pid.is_some()),
@@ -289,12 +316,11 @@ fn records_survive_an_abrupt_end_of_the_host_agent() {
 
 #[actix_rt::test]
 async fn crashed_vm_actor_is_restarted_from_the_store() {
-    init_logging();
-    let prefix = prefix();
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
-    let _guest = guest(&prefix, "phoenix");
-    wait_presence(&engine, "phoenix", Presence::Alive).await;
+    let Rig {
+        engine,
+        guest: _guest,
+        dir: _dir,
+    } = rig("phoenix", |_| {}).await;
     engine.crash_vm_actor("phoenix").await.unwrap();
     // The supervisor restarts the actor with its state reloaded; it keeps working.
     wait_presence(&engine, "phoenix", Presence::Alive).await;
@@ -309,12 +335,7 @@ async fn crashed_vm_actor_is_restarted_from_the_store() {
 
 #[actix_rt::test]
 async fn files_go_both_ways_through_the_engine() {
-    init_logging();
-    let prefix = prefix();
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
-    let guest = guest(&prefix, "files-1");
-    wait_presence(&engine, "files-1", Presence::Alive).await;
+    let Rig { engine, guest, dir } = rig("files-1", |_| {}).await;
     let local = dir.path().join("payload.bin");
     vmc_tests::transfer::write_pattern_file(&local, 20 * 1024 * 1024 + 123, 9);
     let remote = guest.files_dir.join("payload.bin");
@@ -447,12 +468,11 @@ async fn a_vm_another_backend_made_is_refused_with_the_backend_to_run() {
 
 #[actix_rt::test]
 async fn a_crashed_command_actor_is_restarted_and_its_callers_get_the_result() {
-    init_logging();
-    let prefix = prefix();
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::start(config(&prefix, dir.path())).await.unwrap();
-    let _guest = guest(&prefix, "phoenix-cmd");
-    wait_presence(&engine, "phoenix-cmd", Presence::Alive).await;
+    let Rig {
+        engine,
+        guest: _guest,
+        dir,
+    } = rig("phoenix-cmd", |_| {}).await;
     let runs = dir.path().join("runs");
     let cmd_id = engine
         .run_command(
@@ -464,13 +484,7 @@ async fn a_crashed_command_actor_is_restarted_and_its_callers_get_the_result() {
         )
         .await
         .unwrap();
-    wait_until(PATIENCE, "the command to run", || async {
-        engine
-            .command(&cmd_id)
-            .map(|r| r.state == CommandState::Running)
-            .unwrap_or(false)
-    })
-    .await;
+    wait_state(&engine, &cmd_id, CommandState::Running).await;
     // A caller already waiting when the actor crashes.
     let waiting = {
         let (engine, cmd_id) = (engine.clone(), cmd_id.clone());
@@ -488,14 +502,10 @@ async fn a_crashed_command_actor_is_restarted_and_its_callers_get_the_result() {
 
 #[actix_rt::test]
 async fn a_transfer_whose_actor_has_gone_is_answered_from_the_store() {
-    init_logging();
-    let prefix = prefix();
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = config(&prefix, dir.path());
-    config.linger = Duration::from_millis(200);
-    let engine = Engine::start(config).await.unwrap();
-    let guest = guest(&prefix, "files-linger");
-    wait_presence(&engine, "files-linger", Presence::Alive).await;
+    let Rig { engine, guest, dir } = rig("files-linger", |config| {
+        config.linger = Duration::from_millis(200)
+    })
+    .await;
     let local = dir.path().join("small.bin");
     vmc_tests::transfer::write_pattern_file(&local, 100_000, 3);
     let remote = guest.files_dir.join("small.bin");
