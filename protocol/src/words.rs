@@ -497,6 +497,29 @@ pub enum CommandOutcome {
     Lost,
 }
 
+impl CommandOutcome {
+    pub const ALL: [CommandOutcome; 6] = [
+        CommandOutcome::Exited,
+        CommandOutcome::Signalled,
+        CommandOutcome::TimedOut,
+        CommandOutcome::Cancelled,
+        CommandOutcome::FailedToStart,
+        CommandOutcome::Lost,
+    ];
+
+    /// Its name on the wire (and in both APIs): `exited`, `timed-out`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandOutcome::Exited => "exited",
+            CommandOutcome::Signalled => "signalled",
+            CommandOutcome::TimedOut => "timed-out",
+            CommandOutcome::Cancelled => "cancelled",
+            CommandOutcome::FailedToStart => "failed-to-start",
+            CommandOutcome::Lost => "lost",
+        }
+    }
+}
+
 /// The payload of `CMD_RESULT`: the original's six keys, then this version's.
 ///
 /// Decoding accepts a result with the original keys only (`cmd-id`, `finished` and
@@ -621,6 +644,25 @@ pub enum CommandPhase {
     Finished,
     /// The guest knows no command with this id.
     Unknown,
+}
+
+impl CommandPhase {
+    pub const ALL: [CommandPhase; 4] = [
+        CommandPhase::Queued,
+        CommandPhase::Running,
+        CommandPhase::Finished,
+        CommandPhase::Unknown,
+    ];
+
+    /// Its name on the wire (and in both APIs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandPhase::Queued => "queued",
+            CommandPhase::Running => "running",
+            CommandPhase::Finished => "finished",
+            CommandPhase::Unknown => "unknown",
+        }
+    }
 }
 
 /// The payload of `CMD_STATUS`.
@@ -1596,6 +1638,17 @@ fn decode_message(kind: Word, r: &Reader<'_>) -> Result<Message, WordError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn outcome_and_phase_names_are_their_wire_names() {
+        for outcome in CommandOutcome::ALL {
+            let wire = serde_json::to_value(outcome).unwrap();
+            assert_eq!(wire, outcome.as_str(), "{outcome:?}");
+        }
+        for phase in CommandPhase::ALL {
+            let wire = serde_json::to_value(phase).unwrap();
+            assert_eq!(wire, phase.as_str(), "{phase:?}");
+        }
+    }
     use super::*;
     use proptest::prelude::*;
 

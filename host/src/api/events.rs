@@ -158,7 +158,7 @@ fn command_frame(
             vm,
             state: state.as_str(),
             done: state.is_final(),
-            outcome: result.map(|r| wire::outcome_name(r.state)),
+            outcome: result.map(|r| r.state.as_str()),
             exit_code_or_signal: result.map(|r| r.exit_code_or_signal),
             error: record.and_then(|r| r.error.as_deref()),
         },

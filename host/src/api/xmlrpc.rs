@@ -35,9 +35,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
-use vmc_protocol::words::{
-    CommandOutcome, CommandPhase, CommandSpec, GuestInfo, OutputStream, ResourceUsage,
-};
+use vmc_protocol::words::{CommandSpec, GuestInfo, OutputStream, ResourceUsage};
 
 /// The deepest element nesting a request may have (a call with a struct in an
 /// array in a struct is about 12 deep).
@@ -996,26 +994,6 @@ fn resources_value(usage: &ResourceUsage) -> Value {
         .done()
 }
 
-fn outcome_name(outcome: CommandOutcome) -> &'static str {
-    match outcome {
-        CommandOutcome::Exited => "exited",
-        CommandOutcome::Signalled => "signalled",
-        CommandOutcome::TimedOut => "timed-out",
-        CommandOutcome::Cancelled => "cancelled",
-        CommandOutcome::FailedToStart => "failed-to-start",
-        CommandOutcome::Lost => "lost",
-    }
-}
-
-fn phase_name(phase: CommandPhase) -> &'static str {
-    match phase {
-        CommandPhase::Queued => "queued",
-        CommandPhase::Running => "running",
-        CommandPhase::Finished => "finished",
-        CommandPhase::Unknown => "unknown",
-    }
-}
-
 /// The original's result struct and this version's additions.
 fn results_value(results: &ops::CommandResults) -> Value {
     let (record, result) = (&results.record, &results.result);
@@ -1030,7 +1008,7 @@ fn results_value(results: &ops::CommandResults) -> Value {
         )
         .set("resources", resources_value(&result.resources))
         .set("state", string(record.state.as_str()))
-        .set("outcome", string(outcome_name(result.state)))
+        .set("outcome", string(result.state.as_str()))
         .opt("error", result.error.as_deref().map(string))
         .opt("vm", record.vm.as_deref().map(string))
         .opt("startedAt", rfc3339(result.started_at.as_deref()))
@@ -1078,7 +1056,7 @@ fn details_value(details: &CommandDetails) -> Value {
     };
     let live = details.live.as_ref().map(|live| {
         Members::new()
-            .set("state", string(phase_name(live.state)))
+            .set("state", string(live.state.as_str()))
             .opt("pid", live.pid.map(|p| uint(u64::from(p))))
             .set("resources", resources_value(&live.usage))
             .set("outBytes", uint(live.out_bytes))

@@ -20,7 +20,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use vmc_protocol::stomp::session::LinkState;
-use vmc_protocol::words::{CommandOutcome, CommandPhase, CommandSpec, GuestInfo, ResourceUsage};
+use vmc_protocol::words::{CommandSpec, GuestInfo, ResourceUsage};
 
 /// A time as the JSON API writes it.
 pub fn time(t: DateTime<Utc>) -> String {
@@ -37,27 +37,6 @@ fn guest_time(text: &str) -> String {
 /// Bytes as base64 (standard alphabet, padded).
 pub fn base64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
-}
-
-/// The name of a command's outcome, as the XML-RPC API spells it.
-pub fn outcome_name(outcome: CommandOutcome) -> &'static str {
-    match outcome {
-        CommandOutcome::Exited => "exited",
-        CommandOutcome::Signalled => "signalled",
-        CommandOutcome::TimedOut => "timed-out",
-        CommandOutcome::Cancelled => "cancelled",
-        CommandOutcome::FailedToStart => "failed-to-start",
-        CommandOutcome::Lost => "lost",
-    }
-}
-
-fn phase_name(phase: CommandPhase) -> &'static str {
-    match phase {
-        CommandPhase::Queued => "queued",
-        CommandPhase::Running => "running",
-        CommandPhase::Finished => "finished",
-        CommandPhase::Unknown => "unknown",
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -318,7 +297,7 @@ impl From<&CommandRecord> for Command {
             out_bytes: record.out_bytes,
             err_bytes: record.err_bytes,
             error: record.error.clone(),
-            outcome: result.map(|r| outcome_name(r.state)),
+            outcome: result.map(|r| r.state.as_str()),
             exit_code_or_signal: result.map(|r| r.exit_code_or_signal),
             resources: result.map(|r| r.resources.clone()),
             live: None,
@@ -334,7 +313,7 @@ impl From<&CommandDetails> for Command {
                 command.resources = Some(live.usage.clone());
             }
             command.live = Some(LiveStatus {
-                state: phase_name(live.state),
+                state: live.state.as_str(),
                 pid: live.pid,
                 resources: live.usage.clone(),
                 out_bytes: live.out_bytes,
@@ -385,7 +364,7 @@ impl From<&ops::CommandResults> for CommandResult {
             cmd_id: result.cmd_id.clone(),
             vm: record.vm.clone(),
             state: record.state.as_str(),
-            outcome: outcome_name(result.state),
+            outcome: result.state.as_str(),
             finished: result.finished,
             exit_code_or_signal: result.exit_code_or_signal,
             out: result.out.clone(),
