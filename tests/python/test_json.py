@@ -25,18 +25,13 @@ import re
 import socket
 import subprocess
 import tempfile
-import time
 import unittest
 import urllib.parse
 
-URL = os.environ.get("VMC_XMLRPC_URL", "http://127.0.0.1:50505")
-VMS = os.environ.get("VMC_TEST_VMS", "py-box-1 py-box-2 py-box-3").split()
-FILES = os.environ.get("VMC_TEST_FILES", "/tmp")
-HOST_FILES = os.environ.get("VMC_TEST_HOST_FILES", "/tmp")
+from common import FILES, HOST_FILES, OTHER_VM, PATIENCE, SPARE_VM, URL, VM, VMS, wait_until
+
 HOST_STATE = os.environ.get("VMC_TEST_HOST_STATE", "")
 CLI = os.environ.get("VMC_CLI_BIN", "vmc")
-VM, OTHER_VM, SPARE_VM = VMS[0], VMS[1], VMS[2]
-PATIENCE = 30.0
 _url = urllib.parse.urlsplit(URL)
 HOST, PORT = _url.hostname, _url.port
 
@@ -92,17 +87,6 @@ def get(path):
 
 def q(text):
     return urllib.parse.quote(text, safe="")
-
-
-def wait_until(what, condition, patience=PATIENCE):
-    deadline = time.monotonic() + patience
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {patience} s for {what}")
-        time.sleep(0.05)
 
 
 _openapi = None

@@ -21,12 +21,9 @@ import unittest
 import urllib.parse
 import xmlrpc.client
 
-URL = os.environ.get("VMC_XMLRPC_URL", "http://127.0.0.1:50505")
-VMS = os.environ.get("VMC_TEST_VMS", "py-box-1 py-box-2 py-box-3").split()
-FILES = os.environ.get("VMC_TEST_FILES", "/tmp")
-HOST_FILES = os.environ.get("VMC_TEST_HOST_FILES", "/tmp")
-VM, OTHER_VM, SPARE_VM = VMS[0], VMS[1], VMS[2]
-PATIENCE = 30.0
+import common
+from common import FILES, HOST_FILES, OTHER_VM, PATIENCE, SPARE_VM, URL, VM, VMS
+
 
 # The stable fault codes of docs/API.md.
 UNKNOWN_VM = 1
@@ -81,14 +78,7 @@ def proxy(path="", **options):
 
 
 def wait_until(what, condition, patience=PATIENCE):
-    deadline = time.monotonic() + patience
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {patience} s for {what}")
-        time.sleep(0.1)
+    return common.wait_until(what, condition, patience, every=0.1)
 
 
 def post(body, path="/RPC2", headers=None, method="POST"):
