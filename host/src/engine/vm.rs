@@ -161,6 +161,21 @@ impl VmActor {
             )
     }
 
+    /// After a sign of life or a `BYE`: a presence change is logged and stored,
+    /// anything else only refreshes the published view (its last-heard time).
+    fn after_presence(&self, changed: bool) {
+        if changed {
+            log::info!(
+                "VM {}: guest {}",
+                self.name(),
+                self.presence.state().as_str()
+            );
+            self.persist();
+        } else {
+            self.publish();
+        }
+    }
+
     fn persist(&self) {
         self.publish();
         let _ = self.events.send(EngineEvent::Vm {
@@ -391,16 +406,8 @@ impl Handler<Heard> for VmActor {
         if self.is_off() {
             return;
         }
-        if self.presence.heard() {
-            log::info!(
-                "VM {}: guest {}",
-                self.name(),
-                self.presence.state().as_str()
-            );
-            self.persist();
-        } else {
-            self.publish();
-        }
+        let changed = self.presence.heard();
+        self.after_presence(changed);
     }
 }
 
@@ -431,16 +438,7 @@ impl Handler<GuestSaid> for VmActor {
             }
             _ => self.presence.heard(),
         };
-        if changed {
-            log::info!(
-                "VM {}: guest {}",
-                self.name(),
-                self.presence.state().as_str()
-            );
-            self.persist();
-        } else {
-            self.publish();
-        }
+        self.after_presence(changed);
     }
 }
 
