@@ -241,6 +241,33 @@ async fn oversized_frame_is_refused_and_session_goes_on(kind: BrokerKind) {
     client.shutdown().await.unwrap();
 }
 
+/// A live broker with nothing to send sends only heart-beats, and may space them
+/// nearly two intervals apart (ActiveMQ checks for idleness once per interval and
+/// skips a check that follows a write): that is no reason to drop the link.
+async fn an_idle_connection_to_a_live_broker_is_kept(kind: BrokerKind) {
+    init_logging();
+    let port = shared_broker(kind);
+    let mut config = kind.session_config(port);
+    config.heart_beat_send = Duration::from_millis(500);
+    config.heart_beat_receive = Duration::from_millis(500);
+    let (client, mut events) = connect(config).await;
+    let queue = format!("/queue/{}", unique_name("vmc-test.idle"));
+    client.subscribe(Subscription::new(&queue)).await.unwrap();
+    let idle = tokio::time::sleep(Duration::from_secs(8));
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            _ = &mut idle => break,
+            event = events.recv() => {
+                if let Some(SessionEvent::Disconnected { reason, .. }) = event {
+                    panic!("an idle link to a live broker was dropped: {reason}");
+                }
+            }
+        }
+    }
+    client.shutdown().await.unwrap();
+}
+
 async fn silent_broker_is_detected_by_heart_beats(kind: BrokerKind) {
     init_logging();
     let port = shared_broker(kind);
@@ -472,6 +499,11 @@ macro_rules! broker_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn oversized_frame_is_refused_and_session_goes_on() {
                 super::oversized_frame_is_refused_and_session_goes_on($kind).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn an_idle_connection_to_a_live_broker_is_kept() {
+                super::an_idle_connection_to_a_live_broker_is_kept($kind).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //! `TCP_NODELAY` and keep-alive, optionally TLS), performs the STOMP 1.2 handshake,
 //! negotiates heart-beats, and then multiplexes requests from handles with frames
 //! from the broker. When the connection fails (I/O error, broker ERROR frame, a peer
-//! silent for twice its heart-beat interval, a malformed frame) it reconnects with
+//! silent for three times its heart-beat interval, a malformed frame) it reconnects with
 //! capped exponential backoff and jitter, re-subscribes every subscription and
 //! re-sends, in their original order, every frame whose RECEIPT had not arrived,
 //! followed by the frames queued while it was down. Delivery is therefore
@@ -126,7 +126,7 @@ pub struct SessionConfig {
     /// How often we promise to send something (0 = never). Default 10 s.
     pub heart_beat_send: Duration,
     /// How often we want to hear from the broker (0 = never). Default 10 s.
-    /// A broker silent for twice the negotiated interval is considered dead.
+    /// A broker silent for three times the negotiated interval is considered dead.
     pub heart_beat_receive: Duration,
     /// Deadline for TCP connect, TLS and the STOMP handshake. Default 10 s.
     pub connect_timeout: Duration,
@@ -810,7 +810,10 @@ impl Session {
         };
         let (server_send, server_receive) = parse_heart_beat(connected.header("heart-beat"));
         let send_every = negotiate(self.config.heart_beat_send, server_receive);
-        let silent_after = negotiate(self.config.heart_beat_receive, server_send).map(|d| d * 2);
+        // A broker that checks for idleness once per interval and skips a check that
+        // follows a write (ActiveMQ does) leaves up to two intervals between writes
+        // when it has nothing to send: only a third interval of silence means death.
+        let silent_after = negotiate(self.config.heart_beat_receive, server_send).map(|d| d * 3);
         self.generation += 1;
         let now = Instant::now();
         let conn = Connection {
@@ -845,8 +848,11 @@ impl Session {
             address,
             server,
         });
-        let tick = conn
-            .send_every
+        // Heart-beats go out after half the promised interval of quiet, so that one
+        // is never late however the ticks fall (ActiveMQ closes a link whose
+        // heart-beat is 1.5 intervals late).
+        let beat_after = conn.send_every.map(|d| d / 2);
+        let tick = beat_after
             .into_iter()
             .chain(conn.silent_after.map(|d| d / 4))
             .min()
@@ -893,8 +899,8 @@ impl Session {
                             ));
                         }
                     }
-                    if let Some(every) = conn.send_every {
-                        if now.duration_since(conn.last_tx) >= every {
+                    if let Some(after) = beat_after {
+                        if now.duration_since(conn.last_tx) >= after {
                             if let Err(reason) = self.write(&mut conn, StompItem::HeartBeat).await {
                                 return LinkFailure::Failed(reason);
                             }
