@@ -2898,14 +2898,7 @@ mod tests {
     }
 
     fn outcome() -> impl Strategy<Value = CommandOutcome> {
-        prop::sample::select(vec![
-            CommandOutcome::Exited,
-            CommandOutcome::Signalled,
-            CommandOutcome::TimedOut,
-            CommandOutcome::Cancelled,
-            CommandOutcome::FailedToStart,
-            CommandOutcome::Lost,
-        ])
+        prop::sample::select(CommandOutcome::ALL.to_vec())
     }
 
     fn result_strategy() -> impl Strategy<Value = CommandResult> {
