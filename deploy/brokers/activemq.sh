@@ -101,9 +101,14 @@ amq_xml() {
             </systemUsage>
         </systemUsage>
 
-        <!-- Without tcpNoDelay every STOMP exchange stalls ~45 ms (Nagle). -->
+        <!-- Without tcpNoDelay every STOMP exchange stalls ~45 ms (Nagle). ActiveMQ's
+             default fixed 64 KiB socket buffers (no kernel autotuning) stalled a host
+             agent's connection for 30-120 s in about one fan-out to 1,000 guests of
+             three: a full buffer blocks a dispatch write, which holds the connection's
+             lock, so the broker stops reading that connection; 4 MiB lets the kernel
+             absorb the burst. -->
         <transportConnectors>
-            <transportConnector name="stomp" uri="stomp://127.0.0.1:$PORT?transport.tcpNoDelay=true"/>
+            <transportConnector name="stomp" uri="stomp://127.0.0.1:$PORT?transport.tcpNoDelay=true&amp;transport.socketBufferSize=4194304"/>
             $openwire
         </transportConnectors>
     </broker>

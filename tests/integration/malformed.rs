@@ -1,7 +1,13 @@
-//! Malformed frames from the broker side: a raw socket server on loopback accepts the
-//! client's connections and, on each, answers the handshake and then writes one kind
-//! of broken bytes. The client must log an error, drop that connection, reconnect,
-//! re-subscribe, and deliver the valid message that finally comes, without a panic.
+//! Brokers that misbehave, played by a raw socket server on loopback.
+//!
+//! Malformed frames: the server accepts the client's connections and, on each,
+//! answers the handshake and then writes one kind of broken bytes. The client must
+//! log an error, drop that connection, reconnect, re-subscribe, and deliver the valid
+//! message that finally comes, without a panic.
+//!
+//! A broker that stops reading while it writes (ActiveMQ does: a connection's reads
+//! wait while a write to that connection waits): the client must go on reading its
+//! socket even when its own writes are stuck, or the two wait for each other forever.
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -134,4 +140,121 @@ async fn malformed_frames_from_the_broker_are_survived() {
         "re-subscribed each time: {destinations:?}"
     );
     client.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_reading_while_it_writes_is_still_read_from() {
+    const MESSAGES: usize = 40_000;
+    const BODY: usize = 1024;
+    init_logging();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (flooded_tx, flooded) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut reader = FramedRead::new(read, StompCodec::default());
+        expect(&mut reader, Command::Connect).await;
+        write
+            .write_all(b"CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\0")
+            .await
+            .unwrap();
+        let subscribe = expect(&mut reader, Command::Subscribe).await;
+        let receipt = subscribe.header("receipt").unwrap().to_owned();
+        let id = subscribe.header("id").unwrap().to_owned();
+        write
+            .write_all(format!("RECEIPT\nreceipt-id:{receipt}\n\n\0").as_bytes())
+            .await
+            .unwrap();
+        // From here on nothing is read until all the messages are written: 40 MiB,
+        // far more than the socket buffers on both sides hold.
+        let body = "x".repeat(BODY);
+        let mut flood = BytesMut::new();
+        for n in 0..MESSAGES {
+            flood.extend_from_slice(
+                format!(
+                    "MESSAGE\nsubscription:{id}\nmessage-id:m{n}\ndestination:/queue/q\n\n{body}\0"
+                )
+                .as_bytes(),
+            );
+        }
+        let started = tokio::time::Instant::now();
+        write.write_all(&flood).await.unwrap();
+        let _ = flooded_tx.send(started.elapsed());
+        // Then read again: whatever the client wrote meanwhile, up to its DISCONNECT.
+        let mut sends = 0;
+        loop {
+            match reader.next().await {
+                Some(Ok(StompItem::Frame(frame))) if frame.command == Command::Send => sends += 1,
+                Some(Ok(StompItem::Frame(frame))) if frame.command == Command::Disconnect => {
+                    let receipt = frame.header("receipt").unwrap_or_default().to_owned();
+                    let _ = write
+                        .write_all(format!("RECEIPT\nreceipt-id:{receipt}\n\n\0").as_bytes())
+                        .await;
+                    return sends;
+                }
+                Some(Ok(_)) => {}
+                other => panic!("the client's link ended early: {other:?}"),
+            }
+        }
+    });
+
+    let (client, mut events) =
+        StompClient::start(SessionConfig::new(BrokerAddress::tcp("127.0.0.1", port)));
+    within(
+        Duration::from_secs(10),
+        "the subscription",
+        client.subscribe(Subscription::new("/queue/q")),
+    )
+    .await
+    .unwrap();
+    // The client writes 16 MiB the server does not read yet, so its writes are stuck.
+    const SENDS: usize = 256;
+    let sender = client.clone();
+    let writes = tokio::spawn(async move {
+        let body = vec![b'y'; 64 * 1024];
+        for _ in 0..SENDS {
+            let frame = vmc_protocol::stomp::Frame::new(Command::Send)
+                .with_header("destination", "/queue/elsewhere")
+                .with_body(body.clone());
+            sender.send(frame).await.unwrap();
+        }
+    });
+    let took = within(
+        Duration::from_secs(20),
+        "the server's 40 MiB of messages to be taken off its socket",
+        flooded,
+    )
+    .await
+    .unwrap();
+    log::info!("the client took all messages off the socket in {took:?}");
+    let delivered = within(Duration::from_secs(30), "every message delivered", async {
+        let mut delivered = 0;
+        while delivered < MESSAGES {
+            match events.recv().await {
+                Some(SessionEvent::Message(m)) => {
+                    assert_eq!(m.message_id(), Some(format!("m{delivered}").as_str()));
+                    delivered += 1;
+                }
+                Some(SessionEvent::Disconnected { reason, .. }) => {
+                    panic!("the link dropped: {reason}")
+                }
+                Some(_) => {}
+                None => panic!("the session ended"),
+            }
+        }
+        delivered
+    })
+    .await;
+    assert_eq!(delivered, MESSAGES);
+    within(Duration::from_secs(30), "the client's writes", writes)
+        .await
+        .unwrap();
+    within(Duration::from_secs(30), "the shutdown", client.shutdown())
+        .await
+        .unwrap();
+    let sends = within(Duration::from_secs(10), "the server", server)
+        .await
+        .unwrap();
+    assert_eq!(sends, SENDS, "every SEND of the client reached the server");
 }

@@ -504,7 +504,7 @@ type Incoming = Result<StompItem, CodecError>;
 struct Connection {
     generation: u64,
     writer: FramedWrite<WriteHalf<Box<dyn Io>>, StompCodec>,
-    incoming: mpsc::Receiver<Incoming>,
+    incoming: mpsc::UnboundedReceiver<Incoming>,
     reader: tokio::task::JoinHandle<()>,
     send_every: Option<Duration>,
     silent_after: Option<Duration>,
@@ -760,7 +760,11 @@ impl Session {
             .map_err(|_| format!("no connection within {timeout:?}"))??;
         let (read_half, write_half) = tokio::io::split(io);
         let mut writer = FramedWrite::new(write_half, StompCodec::new(self.config.max_frame_size));
-        let (incoming_tx, mut incoming) = mpsc::channel(256);
+        // Unbounded on purpose: the socket must be read even while `serve` waits on a
+        // write. ActiveMQ stops reading a connection while its own write to that
+        // connection waits; had we stopped reading too, neither side would ever move.
+        // What the broker may send is bounded by the subscriptions' prefetch.
+        let (incoming_tx, mut incoming) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_frames(
             FramedRead::new(read_half, StompCodec::new(self.config.max_frame_size)),
             incoming_tx,
@@ -1156,11 +1160,11 @@ fn receipted(frame: &Frame, seq: u64) -> Frame {
 
 async fn read_frames(
     mut reader: FramedRead<ReadHalf<Box<dyn Io>>, StompCodec>,
-    tx: mpsc::Sender<Incoming>,
+    tx: mpsc::UnboundedSender<Incoming>,
 ) {
     while let Some(item) = reader.next().await {
         let failed = item.is_err();
-        if tx.send(item).await.is_err() || failed {
+        if tx.send(item).is_err() || failed {
             return;
         }
     }
