@@ -48,8 +48,15 @@ async fn expect(
     }
 }
 
-/// Serves one connection: handshake, subscription receipt, then `payload`.
-async fn serve(stream: TcpStream, payload: Vec<u8>) -> String {
+/// The broker's side of a connection up to the subscription's receipt: the reader,
+/// the writer and the SUBSCRIBE frame.
+async fn accept_subscriber(
+    stream: TcpStream,
+) -> (
+    FramedRead<tokio::net::tcp::OwnedReadHalf, StompCodec>,
+    tokio::net::tcp::OwnedWriteHalf,
+    vmc_protocol::stomp::Frame,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = FramedRead::new(read, StompCodec::default());
     let connect = expect(&mut reader, Command::Connect).await;
@@ -59,12 +66,22 @@ async fn serve(stream: TcpStream, payload: Vec<u8>) -> String {
         .await
         .unwrap();
     let subscribe = expect(&mut reader, Command::Subscribe).await;
-    let receipt = subscribe.header("receipt").unwrap().to_owned();
-    let id = subscribe.header("id").unwrap().to_owned();
-    let mut reply = BytesMut::new();
-    reply.extend_from_slice(format!("RECEIPT\nreceipt-id:{receipt}\n\n\0").as_bytes());
-    reply.extend_from_slice(&with_subscription_id(payload, &id));
-    write.write_all(&reply).await.unwrap();
+    let receipt = subscribe.header("receipt").unwrap();
+    write
+        .write_all(format!("RECEIPT\nreceipt-id:{receipt}\n\n\0").as_bytes())
+        .await
+        .unwrap();
+    (reader, write, subscribe)
+}
+
+/// Serves one connection: handshake, subscription receipt, then `payload`.
+async fn serve(stream: TcpStream, payload: Vec<u8>) -> String {
+    let (_reader, mut write, subscribe) = accept_subscriber(stream).await;
+    let id = subscribe.header("id").unwrap();
+    write
+        .write_all(&with_subscription_id(payload, id))
+        .await
+        .unwrap();
     // Keep the socket open a little: the client, not the server, must end the link.
     tokio::time::sleep(Duration::from_millis(300)).await;
     subscribe.header("destination").unwrap().to_owned()
@@ -152,20 +169,8 @@ async fn a_broker_that_stops_reading_while_it_writes_is_still_read_from() {
     let (flooded_tx, flooded) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
-        let (read, mut write) = stream.into_split();
-        let mut reader = FramedRead::new(read, StompCodec::default());
-        expect(&mut reader, Command::Connect).await;
-        write
-            .write_all(b"CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\0")
-            .await
-            .unwrap();
-        let subscribe = expect(&mut reader, Command::Subscribe).await;
-        let receipt = subscribe.header("receipt").unwrap().to_owned();
+        let (mut reader, mut write, subscribe) = accept_subscriber(stream).await;
         let id = subscribe.header("id").unwrap().to_owned();
-        write
-            .write_all(format!("RECEIPT\nreceipt-id:{receipt}\n\n\0").as_bytes())
-            .await
-            .unwrap();
         // From here on nothing is read until all the messages are written: 40 MiB,
         // far more than the socket buffers on both sides hold.
         let body = "x".repeat(BODY);
