@@ -66,12 +66,34 @@ async fn accept_subscriber(
         .await
         .unwrap();
     let subscribe = expect(&mut reader, Command::Subscribe).await;
-    let receipt = subscribe.header("receipt").unwrap();
-    write
-        .write_all(format!("RECEIPT\nreceipt-id:{receipt}\n\n\0").as_bytes())
-        .await
-        .unwrap();
+    let receipt = receipt_for(&subscribe);
+    write.write_all(&receipt).await.unwrap();
     (reader, write, subscribe)
+}
+
+/// The RECEIPT frame answering `frame`'s `receipt` header.
+fn receipt_for(frame: &vmc_protocol::stomp::Frame) -> Vec<u8> {
+    let id = frame.header("receipt").unwrap_or_default();
+    format!("RECEIPT\nreceipt-id:{id}\n\n\0").into_bytes()
+}
+
+/// Starts a client session and waits until its subscription to `/queue/q` is
+/// receipted.
+async fn subscribed_client(
+    config: SessionConfig,
+) -> (
+    StompClient,
+    tokio::sync::mpsc::UnboundedReceiver<SessionEvent>,
+) {
+    let (client, events) = StompClient::start(config);
+    within(
+        Duration::from_secs(10),
+        "the subscription",
+        client.subscribe(Subscription::new("/queue/q")),
+    )
+    .await
+    .unwrap();
+    (client, events)
 }
 
 /// Serves one connection: handshake, subscription receipt, then `payload`.
@@ -119,14 +141,7 @@ async fn malformed_frames_from_the_broker_are_survived() {
     config.reconnect_initial = Duration::from_millis(10);
     config.reconnect_max = Duration::from_millis(50);
     config.max_frame_size = 1024 * 1024;
-    let (client, mut events) = StompClient::start(config);
-    within(
-        Duration::from_secs(10),
-        "the subscription",
-        client.subscribe(Subscription::new("/queue/q")),
-    )
-    .await
-    .unwrap();
+    let (client, mut events) = subscribed_client(config).await;
     let mut disconnects = Vec::new();
     let message = within(Duration::from_secs(30), "the good message", async {
         loop {
@@ -192,10 +207,7 @@ async fn a_broker_that_stops_reading_while_it_writes_is_still_read_from() {
             match reader.next().await {
                 Some(Ok(StompItem::Frame(frame))) if frame.command == Command::Send => sends += 1,
                 Some(Ok(StompItem::Frame(frame))) if frame.command == Command::Disconnect => {
-                    let receipt = frame.header("receipt").unwrap_or_default().to_owned();
-                    let _ = write
-                        .write_all(format!("RECEIPT\nreceipt-id:{receipt}\n\n\0").as_bytes())
-                        .await;
+                    let _ = write.write_all(&receipt_for(&frame)).await;
                     return sends;
                 }
                 Some(Ok(_)) => {}
@@ -205,14 +217,7 @@ async fn a_broker_that_stops_reading_while_it_writes_is_still_read_from() {
     });
 
     let (client, mut events) =
-        StompClient::start(SessionConfig::new(BrokerAddress::tcp("127.0.0.1", port)));
-    within(
-        Duration::from_secs(10),
-        "the subscription",
-        client.subscribe(Subscription::new("/queue/q")),
-    )
-    .await
-    .unwrap();
+        subscribed_client(SessionConfig::new(BrokerAddress::tcp("127.0.0.1", port))).await;
     // The client writes 16 MiB the server does not read yet, so its writes are stuck.
     const SENDS: usize = 256;
     let sender = client.clone();
